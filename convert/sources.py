@@ -1,0 +1,242 @@
+"""Lazy, memory-mapped readers for PyTorch checkpoints: safetensors (single or sharded) and `.pt` pickles.
+
+A `Source` maps checkpoint key names to `TensorRef`s. Nothing is read until `TensorRef.read()` is called, and
+then only as a NumPy view on a memory map, so slicing a view touches only the pages that slice needs. This is
+what lets the converters stream a 16 GB checkpoint tensor by tensor, and lets a sharded load read only the
+slices its devices hold.
+
+The safetensors reader is our own (the format is an 8-byte header length, a JSON header and raw little-endian
+data) because the `safetensors` NumPy backend cannot represent bfloat16; we use `ml_dtypes.bfloat16` for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+SAFETENSORS_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, corrupt or inconsistent. The message names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRef:
+    """One tensor of a checkpoint: its shape, dtype, and a function returning a (lazy) NumPy view of it."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    origin: str  # the file it lives in, for error messages
+    _read: Callable[[], np.ndarray]
+
+    def read(self) -> np.ndarray:
+        return self._read()
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+class Source(Mapping[str, TensorRef]):
+    """A read-only mapping from checkpoint key to `TensorRef`."""
+
+    def __init__(self, refs: dict[str, TensorRef], description: str):
+        self._refs = refs
+        self.description = description
+
+    def __getitem__(self, key: str) -> TensorRef:
+        return self._refs[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._refs)
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def __repr__(self) -> str:
+        return f"Source({self.description!r}, {len(self)} tensors)"
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """Returns (header dict without `__metadata__`, byte offset where the data starts). Validates the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{path}: corrupt safetensors header (header length {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    start = 8 + n
+    for key, info in header.items():
+        if info.get("dtype") not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
+        begin, end = info["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        expected = int(np.prod(info["shape"], dtype=np.int64)) * dtype.itemsize
+        if end - begin != expected:
+            raise CheckpointError(f"{path}: tensor {key!r} spans {end - begin} bytes, its shape needs {expected}")
+        if start + end > size:
+            raise CheckpointError(
+                f"{path}: truncated: tensor {key!r} ends at byte {start + end} but the file has {size} bytes")
+    return header, start
+
+
+def safetensors_file(path: str | os.PathLike) -> Source:
+    """A lazy `Source` over one `.safetensors` file (memory-mapped once, on first read)."""
+    path = Path(path)
+    header, start = read_safetensors_header(path)
+    mm: list[np.memmap] = []
+
+    def buffer() -> np.memmap:
+        if not mm:
+            mm.append(np.memmap(path, dtype=np.uint8, mode="r"))
+        return mm[0]
+
+    def reader(info: dict) -> Callable[[], np.ndarray]:
+        begin, end = info["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        shape = tuple(info["shape"])
+        return lambda: buffer()[start + begin:start + end].view(dtype).reshape(shape)
+
+    refs = {k: TensorRef(k, tuple(v["shape"]), SAFETENSORS_DTYPES[v["dtype"]], str(path), reader(v))
+            for k, v in header.items()}
+    return Source(refs, str(path))
+
+
+def safetensors_folder(folder: str | os.PathLike, index_name: str = "model.safetensors.index.json") -> Source:
+    """All tensors of a Hugging Face folder: sharded with an index, or one or more loose `.safetensors` files."""
+    folder = Path(folder)
+    index = folder / index_name
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (folder / f).exists()]
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) that do not exist: {', '.join(missing)}")
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+        weight_map = None
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors files")
+    refs: dict[str, TensorRef] = {}
+    for name in files:
+        part = safetensors_file(folder / name)
+        for key, ref in part.items():
+            if weight_map is not None and weight_map.get(key) != name:
+                raise CheckpointError(f"{folder / name}: tensor {key!r} is not listed for this file in {index}")
+            if key in refs:
+                raise CheckpointError(f"{folder}: tensor {key!r} appears in both {refs[key].origin} and {name}")
+            refs[key] = ref
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(refs))
+        if absent:
+            raise CheckpointError(f"{index} lists tensors that no shard holds: {', '.join(absent[:10])}"
+                                  + (f" (+{len(absent) - 10} more)" if len(absent) > 10 else ""))
+    return Source(refs, str(folder))
+
+
+def torch_file(path: str | os.PathLike) -> Source:
+    """A `Source` over a PyTorch `.pt`/`.bin` state dict, loaded with `weights_only=True` (no code runs) and mmap."""
+    import torch  # only needed for pickled checkpoints
+
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch state dict ({type(e).__name__}: {e})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
+
+    def reader(t) -> Callable[[], np.ndarray]:
+        def read():
+            if t.dtype == torch.bfloat16:
+                return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            return t.numpy()
+        return read
+
+    refs = {}
+    for k, t in state.items():
+        if not hasattr(t, "shape"):
+            continue  # e.g. an integer step counter stored beside the weights
+        dtype = np.dtype(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else np.dtype(
+            torch.empty((), dtype=t.dtype).numpy().dtype)
+        refs[k] = TensorRef(k, tuple(t.shape), dtype, str(path), reader(t))
+    return Source(refs, str(path))
+
+
+def in_memory(arrays: Mapping[str, np.ndarray], description: str = "<memory>") -> Source:
+    """A `Source` over arrays already in memory (tests, or params exported without touching disk)."""
+    return Source({k: TensorRef(k, tuple(np.shape(v)), np.asarray(v).dtype, description,
+                                (lambda v=v: np.asarray(v))) for k, v in arrays.items()}, description)
+
+
+def open_source(path: str | os.PathLike) -> Source:
+    """Opens a checkpoint by what `path` is: a folder of safetensors, a `.safetensors` file, or a `.pt`/`.bin`."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: does not exist")
+    if path.is_dir():
+        return safetensors_folder(path)
+    if path.suffix == ".safetensors":
+        return safetensors_file(path)
+    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        return torch_file(path)
+    raise CheckpointError(f"{path}: unknown checkpoint format (expected a folder, .safetensors, .pt or .bin)")
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Writes `tensors` to `path` as safetensors, streaming one tensor at a time (temp file, then rename)."""
+    path = Path(path)
+    header: dict = {}
+    offset = 0
+    for key, arr in tensors.items():
+        dtype = np.dtype(arr.dtype)
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"tensor {key!r}: dtype {dtype} cannot be stored in safetensors")
+        nbytes = int(np.prod(arr.shape, dtype=np.int64)) * dtype.itemsize
+        header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for arr in tensors.values():
+            f.write(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+    os.replace(tmp, path)

@@ -1,0 +1,93 @@
+"""Bidirectional grouped-query attention behind one function, with a backend per platform.
+
+Masking follows the reference (shared/spec/model.md §1.7): keys are visible to a query when both lie in the same
+packed segment; queries marked invalid (padding) attend to nothing and output exactly 0, as PyTorch >= 2.5 SDPA
+does. Key-side padding is not masked: it belongs to the last segment. With `segment_ids=None` attention is full.
+
+Backends:
+  xla     plain einsums with an fp32 softmax; any platform, the reference for the others.
+  cudnn   `jax.nn.dot_product_attention(implementation="cudnn")` (flash attention on NVIDIA GPUs, bf16/fp16).
+  splash  the Pallas splash-attention kernel on TPU, with segment ids.
+  auto    cudnn on GPU for half-precision inputs, splash on TPU, else xla.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+
+
+def segment_ids_from_positions(position_ids: jax.Array) -> jax.Array:
+    """A 0 in `position_ids` [B, L] starts a new segment: segment = cumsum(pos == 0) - 1 (the reference rule)."""
+    return jnp.cumsum(position_ids == 0, axis=-1, dtype=jnp.int32) - 1
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None = None,
+                          query_valid: jax.Array | None = None, implementation: str = "auto") -> jax.Array:
+    """Bidirectional attention with scale 1/sqrt(head_dim).
+
+    q: [B, L, Hq, D]; k, v: [B, L, Hkv, D] with Hq a multiple of Hkv (query head h reads kv head h // (Hq/Hkv)).
+    segment_ids: [B, L] int or None (one segment). query_valid: [B, L] bool or None (all valid).
+    Returns [B, L, Hq, D] in q's dtype.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation == "auto":
+        implementation = _auto(q.dtype)
+    if implementation == "cudnn":
+        out = _cudnn(q, k, v, segment_ids)
+    elif implementation == "splash":
+        out = _splash(q, k, v, segment_ids)
+    else:
+        out = _xla(q, k, v, segment_ids)
+    if query_valid is not None:
+        out = out * query_valid[:, :, None, None].astype(out.dtype)
+    return out
+
+
+def _auto(dtype) -> str:
+    platform = jax.default_backend()
+    if platform == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    if platform == "tpu":
+        return "splash"
+    return "xla"
+
+
+def _xla(q, k, v, segment_ids):
+    b, l, hq, d = q.shape
+    hkv = k.shape[2]
+    q = q.reshape(b, l, hkv, hq // hkv, d)  # query head h = kv head (h // group), member (h % group)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    if segment_ids is not None:
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, Lq, Lk]
+        scores = jnp.where(same[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, l, hq, d).astype(q.dtype)
+
+
+def _cudnn(q, k, v, segment_ids):
+    mask = None
+    if segment_ids is not None:
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, Lq, Lk]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+
+
+def _splash(q, k, v, segment_ids):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, l, hq, d = q.shape
+    group = hq // k.shape[2]
+    mask = sm.MultiHeadMask([sm.FullMask((l, l)) for _ in range(hq)])
+    kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1)
+    # splash wants [H, L, D] per example, pre-scaled queries, and repeated kv heads for GQA.
+    qh = (q * (d ** -0.5)).transpose(0, 2, 1, 3)
+    kh = jnp.repeat(k, group, axis=2).transpose(0, 2, 1, 3)
+    vh = jnp.repeat(v, group, axis=2).transpose(0, 2, 1, 3)
+    seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    out = jax.vmap(lambda qq, kk, vv, ss: kernel(qq, kk, vv, segment_ids=sk.SegmentIds(ss, ss)))(qh, kh, vh, seg)
+    return out.transpose(0, 2, 1, 3)

@@ -1,0 +1,152 @@
+"""The loaded model a user holds: config, token layout, parameters, and jitted entry points.
+
+`load_model(path)` reads a reference Hugging Face folder (config.json + safetensors); `init_model(config)`
+builds random weights from a built-in config. `OmniModel.logits` is the reference forward:
+`DreamModel.forward` semantics (packed segments from position ids, padded query rows output 0) when position ids
+or an attention mask are given, `forward_dream` semantics (full attention, positions 0..L-1) otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from omnidiff_jax import sharding
+from omnidiff_jax.attention import segment_ids_from_positions
+from omnidiff_jax.config import dream_config, get_config, token_layout
+from omnidiff_jax.convert.dream import dream_keymap, read_hf_config
+from omnidiff_jax.convert.keymap import flatten, unflatten
+from omnidiff_jax.convert.sources import open_source
+from omnidiff_jax.models.dream import Dream, DreamConfig
+from omnidiff_jax.vocab import TokenLayout
+
+
+@dataclasses.dataclass
+class OmniModel:
+    """A Dream model with its parameters. `params` is a plain nested dict of arrays (no Flax boxes)."""
+
+    config: DreamConfig
+    layout: TokenLayout
+    params: dict
+    mesh: Mesh | None = None
+    tokenizer_path: str | None = None  # folder with the checkpoint's tokenizer files, if any
+
+    @property
+    def module(self) -> Dream:
+        return Dream(self.config)
+
+    @functools.cached_property
+    def _forward(self):
+        module, mesh = self.module, self.mesh
+
+        def forward(params, input_ids, inputs_embeds, positions, segment_ids, query_valid):
+            with sharding.activate(mesh):
+                logits = module.apply({"params": params}, input_ids, inputs_embeds=inputs_embeds, positions=positions,
+                                      segment_ids=segment_ids, query_valid=query_valid)
+            return logits.astype(jnp.float32)
+
+        return jax.jit(forward)
+
+    def logits(self, input_ids=None, position_ids=None, attention_mask=None, inputs_embeds=None) -> jax.Array:
+        """float32 logits [B, L, V], unshifted (output i-1 predicts token i, as in the reference).
+
+        input_ids [B, L] int, or inputs_embeds [B, L, H]; position_ids [B, L] (a 0 starts a packed segment);
+        attention_mask [B, L] (0 = padded query row, whose output is 0).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            input_ids = check_ids(input_ids, self.config.vocab_size, "input_ids")
+            shape = input_ids.shape
+        else:
+            inputs_embeds = jnp.asarray(inputs_embeds)
+            if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(f"inputs_embeds must be [B, L, {self.config.hidden_size}], "
+                                 f"got shape {inputs_embeds.shape}")
+            shape = inputs_embeds.shape[:2]
+        positions = segment_ids = query_valid = None
+        if position_ids is not None:
+            positions = jnp.asarray(_check_shape(position_ids, shape, "position_ids"), jnp.int32)
+            segment_ids = segment_ids_from_positions(positions)
+        if attention_mask is not None:
+            query_valid = jnp.asarray(_check_shape(attention_mask, shape, "attention_mask")) != 0
+            if segment_ids is None:
+                segment_ids = jnp.zeros(shape, jnp.int32)
+        return self._forward(self.params, input_ids, inputs_embeds, positions, segment_ids, query_valid)
+
+    def embed(self, input_ids) -> jax.Array:
+        """Token embeddings [B, L, H] in the compute dtype."""
+        ids = check_ids(input_ids, self.config.vocab_size, "input_ids")
+        return self.module.apply({"params": self.params}, ids, method=Dream.embed)
+
+
+def check_ids(ids, vocab_size: int, name: str) -> jax.Array:
+    """Validates a [B, L] integer id array (values checked when concrete)."""
+    arr = np.asarray(ids) if not isinstance(ids, jax.core.Tracer) else ids
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must have rank 2 [batch, length], got shape {tuple(arr.shape)}")
+    if not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise ValueError(f"{name} must be integers, got dtype {arr.dtype}")
+    if isinstance(arr, np.ndarray) and arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        bad = int(arr.min()) if arr.min() < 0 else int(arr.max())
+        raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+    return jnp.asarray(arr, jnp.int32)
+
+
+def _check_shape(x, shape, name):
+    arr = np.asarray(x)
+    if tuple(arr.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} to match the inputs, got {tuple(arr.shape)}")
+    return arr
+
+
+def abstract_params(cfg: DreamConfig):
+    """Boxed (logically partitioned) ShapeDtypeStructs of the parameters, without allocating anything."""
+    ids = jnp.zeros((1, 8), jnp.int32)
+    return jax.eval_shape(lambda: Dream(cfg).init(jax.random.key(0), ids))["params"]
+
+
+def param_shardings(cfg: DreamConfig, mesh: Mesh) -> dict:
+    """NamedSharding per parameter (a plain nested dict) for `cfg` on `mesh`."""
+    return sharding.param_shardings(abstract_params(cfg), mesh)
+
+
+def init_model(config: str = "tiny", seed: int = 0, mesh: Mesh | None = None, **overrides) -> OmniModel:
+    """Random weights for a built-in config name (or config path); `overrides` replace DreamConfig fields."""
+    cfg_dict = get_config(config)
+    cfg = dream_config(cfg_dict).replace(**overrides)
+    ids = jnp.zeros((1, 8), jnp.int32)
+    init = lambda key: nn.meta.unbox(Dream(cfg).init(key, ids)["params"])  # noqa: E731
+    if mesh is not None:
+        init = jax.jit(init, out_shardings=param_shardings(cfg, mesh))
+    return OmniModel(cfg, token_layout(cfg_dict), init(jax.random.key(seed)), mesh)
+
+
+def load_model(path: str | Path, dtype: str | None = None, mesh: Mesh | None = None, **overrides) -> OmniModel:
+    """Loads a reference Hugging Face Dream folder (config.json + safetensors, sharded or not).
+
+    dtype: 'float32' or 'bfloat16' for parameters and compute (default: the checkpoint's dtype). mesh: load
+    straight into the sharded layout (each process reads only the slices its devices hold). overrides:
+    DreamConfig fields such as remat_policy or attention_impl.
+    """
+    path = Path(path)
+    cfg, layout, _ = read_hf_config(path)
+    if dtype is not None:
+        overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
+    cfg = cfg.replace(**overrides)
+    source = open_source(path)
+    target = flatten(nn.meta.unbox(abstract_params(cfg)))
+    shardings = None if mesh is None else flatten(param_shardings(cfg, mesh))
+    params = dream_keymap(cfg).load(source, target, dtype=cfg.param_dtype, shardings=shardings)
+    tokenizer = str(path) if (path / "tokenizer_config.json").exists() else None
+    return OmniModel(cfg, layout, params, mesh, tokenizer)
+
+
+__all__ = ["OmniModel", "init_model", "load_model", "abstract_params", "param_shardings", "unflatten"]

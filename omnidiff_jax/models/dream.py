@@ -1,0 +1,201 @@
+"""Dream-7B, the bidirectional Qwen2.5-shaped transformer at the heart of Omni-Diffusion, in Flax Linen.
+
+Follows shared/spec/model.md §1:
+
+    x = embed_tokens[ids]                                  (or caller-supplied inputs_embeds)
+    for each of num_layers layers (pre-norm):
+        h = x + o_proj(attn(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))   n = rms_norm(x)
+        x = h + down_proj(silu(gate_proj(m)) * up_proj(m))                  m = rms_norm(h)
+    logits = lm_head(rms_norm(x))                          (untied)
+
+Faithful details: q/k/v projections have biases, o_proj does not; RoPE is rotate-half with cos/sin computed in
+fp32 and cast to the compute dtype; RMSNorm normalises in fp32, casts back to the input dtype, *then* multiplies
+by the weight; attention is bidirectional (no causal mask anywhere). Logits are unshifted: the reference
+convention is that the output at position i-1 predicts the token at i (the sampler and loss shift).
+
+Layers run under `nn.scan` (parameters stacked on a leading `layers` axis) with a configurable remat policy.
+Parameters and activations carry logical axis names; `omnidiff_jax.sharding` maps them to mesh axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from omnidiff_jax.attention import dot_product_attention
+from omnidiff_jax.sharding import constrain
+
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DreamConfig:
+    """Shape and numerics of a Dream transformer. `omni_diffusion_7b()` is the released model."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    mask_token_id: int = 151666
+    pad_token_id: int = 151643
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+    attention_impl: str = "auto"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def replace(self, **changes: Any) -> "DreamConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _init(initializer, *names):
+    return nn.with_logical_partitioning(initializer, names)
+
+
+_normal = nn.initializers.normal(0.02)
+
+
+class RMSNorm(nn.Module):
+    """Llama-style RMSNorm with the reference cast order: normalise in fp32, cast, then scale."""
+
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("weight", _init(nn.initializers.ones, "norm"), (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight.astype(self.dtype) * normed.astype(x.dtype)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [B, L, head_dim] for rotate-half RoPE: computed in fp32, then cast to `dtype`."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, L, H, D]; rotate_half(x) = concat(-x[D/2:], x[:D/2]) (GPT-NeoX pairing, not interleaved)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class Attention(nn.Module):
+    config: DreamConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, segment_ids, query_valid):
+        cfg = self.config
+        dense = lambda features, axis, names, bias, name: nn.DenseGeneral(  # noqa: E731
+            features, axis=axis, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+            kernel_init=_init(_normal, *names), bias_init=_init(nn.initializers.zeros, *names[-2:]))
+        q = dense((cfg.num_heads, cfg.head_dim), -1, ("embed", "q_heads", "head_dim"), True, "q_proj")(x)
+        k = dense((cfg.num_kv_heads, cfg.head_dim), -1, ("embed", "kv_heads", "head_dim"), True, "k_proj")(x)
+        v = dense((cfg.num_kv_heads, cfg.head_dim), -1, ("embed", "kv_heads", "head_dim"), True, "v_proj")(x)
+        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = dot_product_attention(q, k, v, segment_ids=segment_ids, query_valid=query_valid,
+                                    implementation=cfg.attention_impl)  # [B, L, Hq, D]
+        out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
+        return dense(cfg.hidden_size, (-2, -1), ("q_heads", "head_dim", "embed"), False, "o_proj")(out)
+
+
+class MLP(nn.Module):
+    config: DreamConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dense = lambda features, names, name: nn.Dense(  # noqa: E731
+            features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+            kernel_init=_init(_normal, *names))
+        gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
+        up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+        h = constrain(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+        return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(h)
+
+
+class DecoderLayer(nn.Module):
+    config: DreamConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, segment_ids, query_valid):
+        cfg = self.config
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
+        h = x + Attention(cfg, name="self_attn")(norm("input_layernorm")(x), cos, sin, segment_ids, query_valid)
+        out = h + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(h))
+        return constrain(out, ("activation_batch", "activation_length", "activation_embed")), None
+
+
+class Dream(nn.Module):
+    """The Dream LLM. `__call__` returns logits [B, L, V] in the compute dtype (or the final hidden states)."""
+
+    config: DreamConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                     embedding_init=_init(_normal, "vocab", "embed"))
+        layer = DecoderLayer
+        if REMAT_POLICIES[cfg.remat_policy] is not None:
+            layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+        self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
+                              metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+        self.norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
+        self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                kernel_init=_init(_normal, "embed", "vocab"))
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings [B, L, H] in the compute dtype (a plain gather)."""
+        return self.embed_tokens(input_ids)
+
+    def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None, segment_ids=None, query_valid=None,
+                 return_hidden: bool = False):
+        """input_ids [B, L] or inputs_embeds [B, L, H]; positions [B, L] (default arange);
+        segment_ids [B, L] (default: one segment); query_valid [B, L] bool (default: all valid)."""
+        cfg = self.config
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(cfg.dtype)
+        b, l = x.shape[:2]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.dtype)
+        x, _ = self.layers(x, cos, sin, segment_ids, query_valid)
+        x = self.norm(x)
+        if return_hidden:
+            return x
+        logits = self.lm_head(x)
+        return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))

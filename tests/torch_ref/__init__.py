@@ -1,0 +1,1 @@
+"""PyTorch reference implementations written for our parity tests, with the upstream state_dict names."""
