@@ -1,0 +1,66 @@
+"""The shared key-map machinery: templates, stacking, shape checks, export, and our safetensors reader/writer."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+import jax
+from omnidiff_jax.convert.keymap import CONV1D, LINEAR, ConversionError, KeyMap, Rule, flatten
+from omnidiff_jax.convert.sources import in_memory, safetensors_file, write_safetensors
+
+KM = KeyMap((Rule("blocks.{i}.fc.weight", "blocks/fc/kernel", LINEAR),
+             Rule("down.{n}.conv.weight", "down_{n}/conv/kernel", CONV1D)),
+            drop=((r"ema\..*", "EMA buffers are not used"),))
+
+
+def shapes(**kw):
+    return {k.replace("__", "/"): jax.ShapeDtypeStruct(v, np.float32) for k, v in kw.items()}
+
+
+def test_load_stacks_layers_and_exports_back():
+    rng = np.random.RandomState(0)
+    src = {f"blocks.{i}.fc.weight": rng.randn(3, 2).astype(np.float32) for i in range(4)}
+    src.update({f"down.{n}.conv.weight": rng.randn(5, 2, 3).astype(np.float32) for n in range(2)})
+    src["ema.decay"] = np.ones(1, np.float32)
+    target = {"blocks/fc/kernel": jax.ShapeDtypeStruct((4, 2, 3), np.float32),
+              "down_0/conv/kernel": jax.ShapeDtypeStruct((3, 2, 5), np.float32),
+              "down_1/conv/kernel": jax.ShapeDtypeStruct((3, 2, 5), np.float32)}
+    params = KM.load(in_memory(src), target)
+    np.testing.assert_array_equal(params["blocks"]["fc"]["kernel"][2], src["blocks.2.fc.weight"].T)
+    back = dict(KM.export(params))
+    assert set(back) == set(src) - {"ema.decay"}
+    for k, v in back.items():
+        np.testing.assert_array_equal(v, src[k])
+
+
+def test_all_problems_in_one_error():
+    src = {"blocks.0.fc.weight": (3, 2), "blocks.2.fc.weight": (3, 2), "down.0.conv.weight": (5, 9, 3),
+           "stray": (1,)}
+    target = {"blocks/fc/kernel": (2, 2, 3), "down_0/conv/kernel": (3, 2, 5), "down_1/conv/kernel": (3, 2, 5)}
+    with pytest.raises(ConversionError) as err:
+        KM.plan(src, target, "demo.pt")
+    msg = str(err.value)
+    assert "unexpected key(s) in demo.pt: stray" in msg
+    assert "blocks.1.fc.weight" in msg and "down.1.conv.weight" in msg  # missing
+    assert "shape mismatch for 'down.0.conv.weight': found (5, 9, 3)" in msg
+    assert "layer indices [2] beyond the model's 2" in msg
+
+
+def test_safetensors_reader_handles_bf16_and_matches_torch(tmp_path):
+    from safetensors.torch import load_file, save_file
+    t = {"a": torch.randn(4, 3).to(torch.bfloat16), "b": torch.arange(6, dtype=torch.int64)}
+    save_file(t, tmp_path / "x.safetensors")
+    src = safetensors_file(tmp_path / "x.safetensors")
+    assert src["a"].dtype == np.dtype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(src["a"].read().astype(np.float32), t["a"].float().numpy())
+    np.testing.assert_array_equal(src["b"].read(), t["b"].numpy())
+    # and our writer produces files torch's safetensors reads bit for bit
+    write_safetensors(tmp_path / "y.safetensors", {k: src[k].read() for k in src})
+    back = load_file(tmp_path / "y.safetensors")
+    assert torch.equal(back["a"], t["a"]) and torch.equal(back["b"], t["b"])
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_flatten_paths():
+    assert set(flatten({"a": {"b": 1, "c": {"d": 2}}})) == {"a/b", "a/c/d"}
