@@ -190,7 +190,7 @@ class KeyMap:
         for path, shape in target_shapes.items():
             entry = entries.get(path)
             if entry is None:
-                missing.append(next((r.sources[0] for r, _, d in rule_res if d.fullmatch(path)), path))
+                missing.append(_missing_name(rule_res, path, shape))
                 continue
             n = shape[0] if entry.rule.stacked else None
             want = [None] if n is None else list(range(n))
@@ -272,6 +272,17 @@ class KeyMap:
                         rule.transform.inverse(arr[i]))
             else:
                 yield rule.sources[0].format(**m.groupdict()), np.ascontiguousarray(rule.transform.inverse(arr))
+
+
+def _missing_name(rule_res, path: str, shape: tuple[int, ...]) -> str:
+    """The source key(s) a target leaf with no source would have needed, for the error message."""
+    for rule, _, dst_re in rule_res:
+        m = dst_re.fullmatch(path)
+        if m:
+            if rule.stacked:
+                return rule.sources[0].format(i=f"{{0..{shape[0] - 1}}}", **m.groupdict())
+            return rule.sources[0].format(**m.groupdict())
+    return f"<no rule produces {path}>"
 
 
 def _forward_shape(transform: Transform, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
