@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One-call GPU check for a session with a lent GPU (no network there: jax, flax, optax, orbax and torch are
+# preinstalled; other wheels travel in .wheels/, made here with `scripts/gpu_check.sh --download`).
+#   here:    bash scripts/gpu_check.sh --download
+#   device:  run(command="bash scripts/gpu_check.sh", carry=[".wheels"], timeout_s=480)
+# Runs the parity tests on the GPU (fp32), then scripts/gpu_check.py (bf16 backends, timings), and prints a
+# table; finishes in well under 8 minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ "${1:-}" == "--download" ]]; then
+  pip download --only-binary=:all: --python-version 3.11 -d .wheels \
+    ml_collections grain soxr soundfile safetensors ml_dtypes transformers tqdm pytest
+  exit 0
+fi
+out="${OUT:-out}"
+mkdir -p "$out"
+pip install --quiet --no-index --find-links .wheels --no-deps -e . 2>&1 | tail -2 || true
+pip install --quiet --no-index --find-links .wheels ml_collections grain soxr soundfile safetensors tqdm pytest \
+  2>&1 | tail -2 || true
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+export JAX_PLATFORMS=cuda
+timeout 240 python -m pytest tests/test_dream.py -q -x 2>&1 | tail -5 | tee "$out/gpu_parity.txt"
+timeout 240 python scripts/gpu_check.py --json "$out/gpu_check.json"
