@@ -1,0 +1,129 @@
+"""Key maps for the speech-input weights: the SenseVoice-Small encoder and the audio projector.
+
+Two checkpoint layouts hold them (shared/spec/model.md §6.2, §6.3):
+
+- the Omni-Diffusion checkpoint: `model.audio_model.model.<SenseVoice name>` and `model.audio_projection.*`,
+  beside the LLM keys (which `convert.dream` maps);
+- a standalone SenseVoiceSmall folder: `model.pt` with the bare SenseVoice names, plus `am.mvn` (CMVN).
+
+The CTC head (`ctc.ctc_lo.*`) is dropped with a logged reason: Omni-Diffusion never uses it. Linear weights are
+transposed; the depthwise FSMN conv [512, 1, 11] becomes a Flax kernel [11, 1, 512] (not flipped: both sides
+cross-correlate); `encoders.{i}` and `tp_encoders.{i}` stack onto the scanned layer axis.
+
+Parameter trees: `{"encoder": <SenseVoiceEncoder params>, "projector": <Projector params>}`;
+`speech_keymap().export(tree)` writes them back under the Omni-Diffusion names.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+
+from omnidiff_jax.convert.keymap import CONV1D, IDENTITY, LINEAR, KeyMap, Rule, flatten
+from omnidiff_jax.convert.sources import CheckpointError, Source, open_source
+from omnidiff_jax.fbank import Cmvn, read_am_mvn
+from omnidiff_jax.models import projector as projector_lib
+from omnidiff_jax.models import sensevoice
+from omnidiff_jax.models.projector import ProjectorConfig
+from omnidiff_jax.models.sensevoice import SenseVoiceConfig
+
+OMNI_ENCODER_PREFIX = "model.audio_model.model."
+OMNI_PROJECTOR_PREFIX = "model.audio_projection."
+
+_BLOCK = (
+    ("self_attn.linear_q_k_v.weight", "self_attn/linear_q_k_v/kernel", LINEAR),
+    ("self_attn.linear_q_k_v.bias", "self_attn/linear_q_k_v/bias", IDENTITY),
+    ("self_attn.linear_out.weight", "self_attn/linear_out/kernel", LINEAR),
+    ("self_attn.linear_out.bias", "self_attn/linear_out/bias", IDENTITY),
+    ("self_attn.fsmn_block.weight", "self_attn/fsmn_block/kernel", CONV1D),
+    ("feed_forward.w_1.weight", "feed_forward/w_1/kernel", LINEAR),
+    ("feed_forward.w_1.bias", "feed_forward/w_1/bias", IDENTITY),
+    ("feed_forward.w_2.weight", "feed_forward/w_2/kernel", LINEAR),
+    ("feed_forward.w_2.bias", "feed_forward/w_2/bias", IDENTITY),
+    ("norm1.weight", "norm1/weight", IDENTITY),
+    ("norm1.bias", "norm1/bias", IDENTITY),
+    ("norm2.weight", "norm2/weight", IDENTITY),
+    ("norm2.bias", "norm2/bias", IDENTITY),
+)
+
+
+def encoder_rules(prefix: str = OMNI_ENCODER_PREFIX, dst: str = "encoder/") -> tuple[Rule, ...]:
+    """SenseVoiceSmall names (after `prefix`) -> our `SenseVoiceEncoder` paths (under `dst`)."""
+    rules = [Rule(prefix + "embed.weight", dst + "embed")]
+    for norm in ("after_norm", "tp_norm"):
+        rules += [Rule(f"{prefix}encoder.{norm}.{p}", f"{dst}{norm}/{p}") for p in ("weight", "bias")]
+    for src_block, dst_block in (("encoders0.0", "encoders0"), ("encoders.{i}", "encoders"),
+                                 ("tp_encoders.{i}", "tp_encoders")):
+        rules += [Rule(f"{prefix}encoder.{src_block}.{s}", f"{dst}{dst_block}/{d}", t) for s, d, t in _BLOCK]
+    return tuple(rules)
+
+
+def projector_rules(prefix: str = OMNI_PROJECTOR_PREFIX, dst: str = "projector/") -> tuple[Rule, ...]:
+    """`ResamplerProjector` names -> our `Projector` paths (`mlp.1` is the GELU and has no weights)."""
+    return (
+        Rule(prefix + "pre_proj_layernorm.weight", dst + "pre_proj_layernorm/weight"),
+        Rule(prefix + "pre_proj_layernorm.bias", dst + "pre_proj_layernorm/bias"),
+        Rule(prefix + "mlp.0.weight", dst + "linear_1/kernel", LINEAR),
+        Rule(prefix + "mlp.2.weight", dst + "linear_2/kernel", LINEAR),
+    )
+
+
+def speech_keymap(encoder_prefix: str = OMNI_ENCODER_PREFIX,
+                  projector_prefix: str | None = OMNI_PROJECTOR_PREFIX) -> KeyMap:
+    """The encoder (+ projector unless `projector_prefix` is None) key map, dropping the unused CTC head."""
+    rules = encoder_rules(encoder_prefix)
+    if projector_prefix is not None:
+        rules += projector_rules(projector_prefix)
+    ctc = encoder_prefix.replace(".", r"\.") + r"ctc\..*"
+    return KeyMap(rules, drop=((ctc, "SenseVoice CTC head, unused by Omni-Diffusion"),))
+
+
+def _target(encoder: SenseVoiceConfig, projector: ProjectorConfig | None) -> dict[str, jax.ShapeDtypeStruct]:
+    tree = {"encoder": sensevoice.abstract_params(encoder)}
+    if projector is not None:
+        tree["projector"] = projector_lib.abstract_params(projector)
+    return flatten(tree)
+
+
+def load_speech_encoder(source: Source | str | os.PathLike, encoder: SenseVoiceConfig = SenseVoiceConfig.small(),
+                        projector: ProjectorConfig | None = ProjectorConfig.omni_diffusion(),
+                        encoder_prefix: str = OMNI_ENCODER_PREFIX, projector_prefix: str = OMNI_PROJECTOR_PREFIX,
+                        dtype=None) -> dict:
+    """Speech-input parameters `{"encoder": ..., "projector": ...}` from a checkpoint (a `Source` or a path).
+
+    Only keys under the two prefixes are considered, so a full Omni-Diffusion checkpoint (LLM keys included)
+    works as is. projector=None loads the encoder alone (standalone SenseVoiceSmall: encoder_prefix="").
+    dtype: cast parameters to it (default: the checkpoint's dtype). Raises `ConversionError` listing every
+    missing, unexpected or mis-shaped key.
+    """
+    if not isinstance(source, Source):
+        source = open_source(source)
+    prefixes = (encoder_prefix,) + ((projector_prefix,) if projector is not None else ())
+    speech = Source({k: source[k] for k in source if k.startswith(prefixes)}, source.description)
+    if not any(k.startswith(encoder_prefix) for k in speech):
+        raise CheckpointError(f"{source.description}: no SenseVoice encoder keys (none start with "
+                              f"{encoder_prefix!r})")
+    keymap = speech_keymap(encoder_prefix, projector_prefix if projector is not None else None)
+    return keymap.load(speech, _target(encoder, projector), dtype=dtype)
+
+
+def load_sensevoice_small(path: str | os.PathLike, config: SenseVoiceConfig = SenseVoiceConfig.small(),
+                          dtype=None) -> tuple[dict, Cmvn]:
+    """A standalone SenseVoiceSmall: `path` is its folder (`model.pt` + `am.mvn`) or the `model.pt` itself, with
+    `am.mvn` beside it. Returns (encoder params, CMVN)."""
+    path = Path(path)
+    weights = path / "model.pt" if path.is_dir() else path
+    mvn = weights.parent / "am.mvn"
+    if not weights.exists():
+        raise CheckpointError(f"{weights}: does not exist (expected SenseVoiceSmall's model.pt)")
+    if not mvn.exists():
+        raise CheckpointError(f"{mvn}: does not exist (SenseVoiceSmall ships its CMVN statistics as am.mvn "
+                              f"beside model.pt)")
+    params = load_speech_encoder(weights, config, None, encoder_prefix="", dtype=dtype)
+    return params["encoder"], read_am_mvn(mvn)
+
+
+__all__ = ["OMNI_ENCODER_PREFIX", "OMNI_PROJECTOR_PREFIX", "encoder_rules", "projector_rules", "speech_keymap",
+           "load_speech_encoder", "load_sensevoice_small"]

@@ -1,0 +1,214 @@
+"""Speech input for the LLM: audio file -> features -> SenseVoice encoder -> projector -> placeholder embeddings.
+
+shared/spec/model.md §2-§4. The user-side audio of ASR, speech-to-image and spoken VQA enters Dream as continuous
+embeddings rather than tokens:
+
+    wave   = load_wave(path)                                16 kHz mono float in [-1, 1] (soxr resampling)
+    feats  = fbank.wave_features(waves)                     [N, T_lfr, 560], T_lfr ≈ 16.7 per second
+    embeds = projector(sensevoice(feats))                   [N, T_lfr + 4, H]: 4 prompt rows, then the frames
+    ids, positions = expand_audio_placeholders(ids, T_lfr)  <|audio|> -> <|begin_of_audio|>
+                                                               <|context_of_audio|> x (T_lfr + 4) <|end_of_audio|>
+    inputs_embeds  = scatter_audio(embed(ids), embeds, positions)   overwrite the context slots
+
+`SpeechInput` holds the weights and runs the first three steps (`__call__`); `encode` is the pure function a
+jitted trainer step can call; `expand_audio_placeholders` and `scatter_audio` are shared by the sampler and
+the trainer. Placeholder positions are padded with -1 (nothing written) so they batch with static shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from omnidiff_jax import fbank
+from omnidiff_jax.audio_io import AudioError, load_audio
+from omnidiff_jax.convert.sensevoice import load_speech_encoder
+from omnidiff_jax.convert.sources import Source
+from omnidiff_jax.fbank import SENSEVOICE_CMVN, Cmvn
+from omnidiff_jax.models import projector as projector_lib
+from omnidiff_jax.models import sensevoice
+from omnidiff_jax.models.projector import Projector, ProjectorConfig
+from omnidiff_jax.models.sensevoice import SenseVoiceConfig, SenseVoiceEncoder
+from omnidiff_jax.vocab import TokenLayout
+
+AUDIO_PROMPT_TOKENS = 4  # SenseVoice's language, event, emotion and text-norm rows, placed before the frames
+FRAME_BUCKET = 32  # LFR frames (~1.9 s): clips are padded to a multiple so jit compiles once per bucket
+
+
+@functools.lru_cache(maxsize=16)
+def _sinc_kernel(orig: int, new: int, width: int = 6, rolloff: float = 0.99) -> tuple[np.ndarray, int]:
+    """Polyphase Hann-windowed sinc filters [new, 2·pad + orig] for rates reduced by their gcd, and pad."""
+    base = min(orig, new) * rolloff  # the lower rate x rolloff: the filter passes up to half of it
+    pad = math.ceil(width * orig / base)
+    t = (np.arange(-pad, pad + orig)[None, :] / orig - np.arange(new)[:, None] / new) * base
+    t = np.clip(t, -width, width)
+    window = np.cos(t * np.pi / width / 2) ** 2
+    return np.sinc(t) * window * (base / orig), pad
+
+
+def resample(wave: np.ndarray, sr: int, target_sr: int = fbank.SAMPLE_RATE) -> np.ndarray:
+    """The reference's resampler (torchaudio `Resample` defaults: sinc_interp_hann, width 6, rolloff 0.99).
+
+    A band-limited polyphase windowed-sinc filter with zero padding at both ends; output length
+    ceil(N · target / sr). Float32 mono in, float32 out.
+    """
+    if sr == target_sr:
+        return wave.astype(np.float32, copy=False)
+    g = math.gcd(sr, target_sr)
+    orig, new = sr // g, target_sr // g
+    kernel, pad = _sinc_kernel(orig, new)
+    x = np.pad(wave.astype(np.float64), (pad, pad + orig))
+    frames = np.lib.stride_tricks.sliding_window_view(x, kernel.shape[1])[::orig]  # [F, 2·pad + orig]
+    out = (frames @ kernel.T).reshape(-1)  # phase-interleaved: [F · new]
+    return out[:math.ceil(new * wave.size / orig)].astype(np.float32)
+
+
+def load_wave(path: str | os.PathLike) -> np.ndarray:
+    """Reads an audio file as 16 kHz mono float32 in [-1, 1] (channels averaged, the reference's resampler).
+
+    Raises AudioError for unreadable, empty or non-finite audio, or audio shorter than one 25 ms frame.
+    """
+    wave, sr = load_audio(path, target_sr=None)
+    wave = resample(wave, sr)
+    if wave.size < fbank.FRAME_LENGTH:
+        raise AudioError(f"{path}: {wave.size} samples at 16 kHz ({1000 * wave.size / fbank.SAMPLE_RATE:.1f} ms) "
+                         f"is shorter than one 25 ms frame")
+    return wave
+
+
+def encode(params: dict, feats: jax.Array, lengths: jax.Array, encoder: SenseVoiceConfig,
+           projector: ProjectorConfig) -> tuple[jax.Array, jax.Array]:
+    """Features [N, T, 560] + lengths [N] -> (LLM-width embeddings [N, T+4, H], lengths + 4). Pure and jittable.
+
+    params: `{"encoder": ..., "projector": ...}`. Rows past a clip's length are junk (never scattered).
+    """
+    x, out_lengths = SenseVoiceEncoder(encoder).apply({"params": params["encoder"]}, feats, lengths)
+    return Projector(projector).apply({"params": params["projector"]}, x), out_lengths
+
+
+@dataclasses.dataclass
+class SpeechInput:
+    """The speech-input weights and front end. `speech(["a.wav", wave])` -> (embeddings, lengths)."""
+
+    encoder: SenseVoiceConfig
+    projector: ProjectorConfig
+    params: dict  # {"encoder": ..., "projector": ...}
+    cmvn: Cmvn = SENSEVOICE_CMVN
+
+    def features(self, audio: Sequence[str | os.PathLike | np.ndarray], dither: float = 0.0,
+                 rng: np.random.Generator | int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Paths or 16 kHz mono waves -> (features [N, T_lfr_max, 560] float32, T_lfr per clip [N])."""
+        waves = [a if isinstance(a, np.ndarray) else load_wave(a) for a in audio]
+        return fbank.wave_features(waves, self.cmvn, dither, rng)
+
+    @functools.cached_property
+    def _encode(self):
+        return jax.jit(functools.partial(encode, encoder=self.encoder, projector=self.projector))
+
+    def embed(self, feats: np.ndarray, lengths: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """Features [N, T, 560] + lengths [N] -> (embeddings [N, T+4, H], lengths + 4), jitted per length bucket."""
+        feats = np.asarray(feats, np.float32)
+        if feats.ndim != 3 or feats.shape[-1] != self.encoder.input_size:
+            raise ValueError(f"features must be [clips, frames, {self.encoder.input_size}], got {feats.shape}")
+        lengths = np.asarray(lengths, np.int32)
+        if lengths.shape != feats.shape[:1] or lengths.min(initial=1) < 1 or lengths.max(initial=0) > feats.shape[1]:
+            raise ValueError(f"lengths {lengths.tolist()} must give 1..{feats.shape[1]} frames for each of the "
+                             f"{feats.shape[0]} clips")
+        t = feats.shape[1]
+        padded = np.pad(feats, ((0, 0), (0, -t % FRAME_BUCKET), (0, 0)))
+        embeds, out_lengths = self._encode(self.params, padded, lengths)
+        return embeds[:, :t + self.encoder.num_prompts], out_lengths
+
+    def __call__(self, audio: Sequence[str | os.PathLike | np.ndarray], dither: float = 0.0,
+                 rng: np.random.Generator | int | None = None) -> tuple[jax.Array, jax.Array]:
+        """Paths or 16 kHz mono waves -> (embeddings [N, T_lfr_max + 4, H], T_lfr + 4 per clip [N])."""
+        return self.embed(*self.features(audio, dither, rng))
+
+
+def init_speech_input(encoder: SenseVoiceConfig = SenseVoiceConfig.tiny(),
+                      projector: ProjectorConfig = ProjectorConfig.tiny(), seed: int = 0) -> SpeechInput:
+    """Random weights (tests, demos)."""
+    params = {"encoder": sensevoice.init_params(encoder, seed), "projector": projector_lib.init_params(projector, seed)}
+    return SpeechInput(encoder, projector, params)
+
+
+def load_speech_input(source: Source | str | os.PathLike, encoder: SenseVoiceConfig = SenseVoiceConfig.small(),
+                      projector: ProjectorConfig = ProjectorConfig.omni_diffusion(), dtype: str | None = None,
+                      cmvn: Cmvn = SENSEVOICE_CMVN) -> SpeechInput:
+    """The speech-input weights of an Omni-Diffusion checkpoint (`model.audio_model.*`, `model.audio_projection.*`).
+
+    dtype: 'float32' or 'bfloat16' for parameters and compute (default: the configs' dtypes).
+    """
+    if dtype is not None:
+        encoder = encoder.replace(dtype=dtype, param_dtype=dtype)
+        projector = projector.replace(dtype=dtype, param_dtype=dtype)
+    params = load_speech_encoder(source, encoder, projector, dtype=encoder.param_dtype)
+    return SpeechInput(encoder, projector, params, cmvn)
+
+
+# --------------------------------------------------------------------------------------------------- placeholders
+
+def expand_audio_placeholders(ids: Sequence[int] | np.ndarray, frame_counts: Sequence[int],
+                              layout: TokenLayout) -> tuple[np.ndarray, np.ndarray]:
+    """Replaces the k-th `<|audio|>` tag of a 1-D prompt by `<|begin_of_audio|>`, `<|context_of_audio|>` ×
+    (frame_counts[k] + 4) and `<|end_of_audio|>`.
+
+    Returns (ids int32 [L'], positions int32 [K, S]): positions[k, j] is where the j-th embedding row of audio k
+    goes (the 4 prompt rows, then its frames), padded with -1 to S = max_k frame_counts[k] + 4.
+    """
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ids must be a 1-D integer sequence, got shape {ids.shape} and dtype {ids.dtype}")
+    counts = np.asarray(frame_counts, np.int64).reshape(-1)
+    tags = np.flatnonzero(ids == layout.audio_tag)
+    if len(tags) != len(counts):
+        raise ValueError(f"the prompt holds {len(tags)} <|audio|> tag(s) (id {layout.audio_tag}) but "
+                         f"{len(counts)} frame count(s) were given")
+    if (counts < 1).any():
+        raise ValueError(f"frame counts must be positive, got {counts.tolist()}")
+    slots = counts + AUDIO_PROMPT_TOKENS
+    pieces, positions = [], np.full((len(counts), int(slots.max(initial=0))), -1, np.int32)
+    start, length = 0, 0
+    for k, (tag, n) in enumerate(zip(tags, slots)):
+        pieces.append(ids[start:tag])
+        length += tag - start
+        positions[k, :n] = np.arange(length + 1, length + 1 + n)  # after <|begin_of_audio|>
+        pieces.append(np.array([layout.begin_of_audio] + [layout.context_of_audio] * n + [layout.end_of_audio]))
+        length += n + 2
+        start = tag + 1
+    pieces.append(ids[start:])
+    return np.concatenate(pieces).astype(np.int32), positions
+
+
+def scatter_audio(embeds: jax.Array, features: jax.Array, positions: jax.Array,
+                  rows: jax.Array | None = None) -> jax.Array:
+    """Overwrites placeholder embeddings with audio embeddings. Jittable; static shapes throughout.
+
+    embeds [B, L, H]; features [K, S', H] with S' >= S (e.g. `SpeechInput` output); positions [K, S] (sequence
+    position of each feature row, -1 = skip); rows [K]: the batch row of each audio (default 0). Returns embeds
+    with `embeds[rows[k], positions[k, j]] = features[k, j]`, cast to embeds' dtype.
+    """
+    if embeds.ndim != 3 or positions.ndim != 2:
+        raise ValueError(f"embeds must be [batch, length, hidden] and positions [audios, slots], got shapes "
+                         f"{tuple(embeds.shape)} and {tuple(positions.shape)}")
+    l, h = embeds.shape[1:]
+    k, s = positions.shape
+    if features.ndim != 3 or features.shape[0] != k or features.shape[1] < s or features.shape[2] != h:
+        raise ValueError(f"features must be [{k}, >={s}, {h}] to fill positions {tuple(positions.shape)} of "
+                         f"embeds {tuple(embeds.shape)}, got {tuple(features.shape)}")
+    rows = jnp.zeros((k,), jnp.int32) if rows is None else jnp.asarray(rows, jnp.int32)
+    positions = jnp.asarray(positions, jnp.int32)
+    target = jnp.where(positions >= 0, positions, l)  # out of range: dropped (a bare -1 would wrap around)
+    batch = jnp.broadcast_to(rows[:, None], (k, s))
+    return embeds.at[batch, target].set(features[:, :s].astype(embeds.dtype), mode="drop")
+
+
+__all__ = ["SpeechInput", "encode", "load_wave", "init_speech_input", "load_speech_input",
+           "expand_audio_placeholders", "scatter_audio", "AUDIO_PROMPT_TOKENS"]
