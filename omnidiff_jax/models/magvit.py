@@ -61,13 +61,8 @@ class MagvitConfig:
 
     @property
     def downsample_factor(self) -> int:
-        """Image pixels per code along each side for the encoder (16 for the released model)."""
+        """Image pixels per code along each side (16 for the released model)."""
         return 2 ** (len(self.encoder_ch_mult) - 1)
-
-    @property
-    def upsample_factor(self) -> int:
-        """Image pixels per code along each side for the decoder (16 for the released model)."""
-        return 2 ** (len(self.decoder_ch_mult) - 1)
 
 
 def _conv(features: int, kernel: int, name: str, strides: int = 1, padding=None) -> nn.Conv:
