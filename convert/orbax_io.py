@@ -1,0 +1,184 @@
+"""Our parameters as a self-contained orbax checkpoint folder: written atomically, restored onto any mesh.
+
+A checkpoint folder holds
+
+    omnidiff.json   what the folder is: format version, model config, token layout, notes (written last)
+    params/         an orbax PyTree of parameter groups, e.g. {"dream": {"embed_tokens": {"embedding": ...}, ...}}
+    hf/             the source checkpoint's non-weight files, verbatim: tokenizer, generation config, remote code
+
+`writing(dst)` builds the folder in a temporary sibling of `dst` and renames it into place only when everything
+is on disk, so an interrupted write never leaves a folder that looks like a checkpoint. Parameters are added a
+few leaves at a time (orbax partial saves), so a 16 GB model is written without ever being whole in memory.
+`restore` reads any subset of the leaves, each straight into its sharding (every process reads only the slices
+its devices hold), in the dtype asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import secrets
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import jax
+import numpy as np
+from orbax.checkpoint.experimental import v1 as ocp
+
+from omnidiff_jax.convert.keymap import flatten, unflatten
+from omnidiff_jax.convert.sources import CheckpointError
+
+META_FILE = "omnidiff.json"
+PARAMS_DIR = "params"
+FILES_DIR = "hf"
+FORMAT = "omnidiff-orbax"
+VERSION = 1
+
+
+def _context(partial_load: bool = False) -> ocp.Context:
+    ctx = ocp.Context()
+    ctx.array.saving.use_compression = False  # weights barely compress; zstd would halve the throughput
+    ctx.array.saving.storage_options.chunk_byte_size = 64 << 20  # many mid-size chunks write fastest
+    ctx.memory.deepcopy_host_arrays = False  # the writer never mutates an array it has handed over
+    ctx.pytree.loading.partial_load = partial_load
+    return ctx
+
+
+# --------------------------------------------------------------------------------------------------- writing
+
+@contextlib.contextmanager
+def staging_folder(dst: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yields an empty temporary sibling of `dst`, renamed to `dst` when the block succeeds, removed if it fails.
+
+    An existing `dst` is refused unless `force`, and then replaced only at the very end.
+    """
+    dst = Path(dst).absolute()
+    if dst.exists() and not force:
+        raise CheckpointError(f"{dst} already exists; pass --force (force=True) to overwrite it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _unique_sibling(dst, "tmp")
+    try:
+        yield tmp
+        if dst.exists():
+            old = _unique_sibling(dst, "old")
+            os.replace(dst, old / dst.name)
+            os.replace(tmp, dst)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _unique_sibling(path: Path, tag: str) -> Path:
+    """Creates and returns an empty folder `<name>.<tag>-<random>` beside `path` (default permissions)."""
+    while True:
+        sibling = path.with_name(f"{path.name}.{tag}-{secrets.token_hex(4)}")
+        try:
+            sibling.mkdir()
+            return sibling
+        except FileExistsError:
+            continue
+
+
+class CheckpointWriter:
+    """A checkpoint folder under construction (see `writing`): add parameters and files, fill `meta`."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.meta: dict = {}
+        self._pending: list[ocp.AsyncResponse] = []
+        (folder / FILES_DIR).mkdir()
+
+    def add_params(self, tree: Mapping) -> None:
+        """Starts saving a tree of NumPy arrays (a part of the full tree; no leaf may be saved twice) in the
+        background; the arrays must stay unchanged until `wait` returns. Saves run one after another."""
+        with _context():
+            self._pending.append(ocp.partial.save_async(self.folder / PARAMS_DIR, tree))
+
+    def add_file(self, path: Path) -> None:
+        """Copies a non-weight file (tokenizer, generation config, ...) into the folder's `hf/`."""
+        shutil.copy2(path, self.folder / FILES_DIR / path.name)
+
+    def wait(self) -> None:
+        """Waits until every parameter save started so far is on disk."""
+        while self._pending:
+            self._pending.pop(0).result()
+
+    def _finish(self) -> None:
+        self.wait()
+        with _context():
+            ocp.partial.finalize(self.folder / PARAMS_DIR)
+        meta = {"format": FORMAT, "version": VERSION, **self.meta}
+        (self.folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+
+
+@contextlib.contextmanager
+def writing(dst: str | os.PathLike, force: bool = False) -> Iterator[CheckpointWriter]:
+    """Builds a checkpoint folder at `dst` (refused if it exists, unless `force`), atomically.
+
+        with writing(dst) as ckpt:
+            ckpt.add_params({"dream": {...}})
+            ckpt.meta["model"] = {...}
+    """
+    with staging_folder(dst, force) as tmp:
+        writer = CheckpointWriter(tmp)
+        try:
+            yield writer
+        except BaseException:
+            with contextlib.suppress(Exception):
+                writer.wait()  # no background save may outlive the folder
+            raise
+        writer._finish()
+
+
+# --------------------------------------------------------------------------------------------------- reading
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """True when `path` is a folder written by `writing`."""
+    return (Path(path) / META_FILE).is_file()
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """The folder's `omnidiff.json`; raises CheckpointError naming the folder when it is not our checkpoint."""
+    file = Path(path) / META_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{path}: not an omnidiff orbax checkpoint (no {META_FILE})")
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: invalid JSON ({e})") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{file}: format {meta.get('format')!r} version {meta.get('version')!r}, expected "
+                              f"{FORMAT!r} version {VERSION}")
+    return meta
+
+
+def stored_leaves(path: str | os.PathLike) -> dict[str, jax.ShapeDtypeStruct]:
+    """Flat {"group/a/b": ShapeDtypeStruct} of every stored parameter, read from the metadata only."""
+    read_meta(path)
+    tree = ocp.metadata(Path(path).absolute() / PARAMS_DIR).metadata
+    if not tree:
+        raise CheckpointError(f"{path}: no parameters in {PARAMS_DIR}/")
+    return {k: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)) for k, m in flatten(tree).items()}
+
+
+def restore(path: str | os.PathLike, target: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+    """Reads the leaves named in flat `target` (any subset), each in its dtype and onto its sharding.
+
+    A target without a sharding lands on the host CPU device. Names and shapes are checked against the stored
+    metadata first, and every problem is reported in one error.
+    """
+    stored = stored_leaves(path)
+    problems = [f"{k}: not in the checkpoint" for k in target if k not in stored]
+    problems += [f"{k}: stored with shape {stored[k].shape}, expected {tuple(t.shape)}"
+                 for k, t in target.items() if k in stored and tuple(stored[k].shape) != tuple(t.shape)]
+    if problems:
+        raise CheckpointError(f"cannot restore {path}:\n  - " + "\n  - ".join(problems))
+    host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    abstract = {k: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding or host) for k, t in target.items()}
+    with _context(partial_load=len(target) < len(stored)):
+        return flatten(ocp.load(Path(path).absolute() / PARAMS_DIR, unflatten(abstract)))
