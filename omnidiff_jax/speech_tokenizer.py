@@ -109,7 +109,8 @@ class SpeechTokenizer:
     """The GLM-4-Voice tokenizer with its weights. `tokenize` takes any number of clips of any length.
 
     batch_size: segments per device call (rounded up to a multiple of the mesh's data-parallel size).
-    mesh: run data-parallel on it (parameters replicated, segments split over its data and fsdp axes).
+    mesh: run data-parallel on it (parameters replicated, segments split over its data and fsdp axes; one
+    process: each host of a multi-host job tokenizes its own share of a corpus with its local devices).
     """
 
     config: WhisperVQConfig
@@ -183,7 +184,10 @@ class SpeechTokenizer:
         return out, lengths
 
     def tokenize_file(self, path: str | os.PathLike) -> np.ndarray:
-        """Codes [n] int32 of one audio file (any rate soundfile reads; resampled to 16 kHz, channels averaged)."""
+        """Codes [n] int32 of one audio file (any rate soundfile reads, resampled to 16 kHz).
+
+        Channels are averaged by `load_audio`; the reference takes channel 0 (the same for mono files).
+        """
         wave, _ = load_audio(Path(path), SAMPLE_RATE)
         codes, lengths = self.tokenize([wave])
         return codes[0, :lengths[0]]
