@@ -17,27 +17,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 from PIL import Image
 
 from omnidiff_jax import sharding
-from omnidiff_jax.convert.keymap import flatten
+from omnidiff_jax.convert import orbax_io
+from omnidiff_jax.convert.keymap import flatten, unflatten
 from omnidiff_jax.convert.magvit import config_from_source, magvit_keymap, open_checkpoint, save_reference
 from omnidiff_jax.convert.sources import CheckpointError
 from omnidiff_jax.models.magvit import CODEBOOK_SIZE, Magvit, MagvitConfig
 
 SIZES = (256, 512)  # generated / assistant images, user images
-ORBAX_CONFIG = "magvit_config.json"  # marks our orbax folder: the config beside a `params` checkpoint
+ORBAX_KEY = "magvit"  # parameter group and metadata field in our orbax checkpoint folder
 
 
 class ImageError(ValueError):
@@ -154,55 +153,29 @@ class ImageTokenizer:
     def load(cls, path: str | os.PathLike, mesh: Mesh | None = None) -> "ImageTokenizer":
         """Loads a reference checkpoint (`pytorch_model.safetensors`, its folder, or a .pt/.bin) or our orbax folder.
 
-        The architecture is read off the tensor shapes (or our config file); every key and shape is checked.
+        The architecture is read off the tensor shapes (or the orbax folder's metadata); every key and shape is
+        checked. Parameters land replicated on `mesh`, or on the default device.
         """
-        path = Path(path)
-        if (path / ORBAX_CONFIG).is_file():
-            return cls._load_orbax(path, mesh)
+        place = NamedSharding(mesh, PartitionSpec()) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
+        if orbax_io.is_checkpoint(path):
+            meta = orbax_io.read_meta(path)
+            if ORBAX_KEY not in meta:
+                raise CheckpointError(f"{path}: an omnidiff checkpoint without a MAGVIT-v2 ({ORBAX_KEY!r} metadata)")
+            config = MagvitConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta[ORBAX_KEY].items()})
+            target = {f"{ORBAX_KEY}/{k}": jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=place)
+                      for k, v in flatten(abstract_params(config)).items()}
+            return cls(config, unflatten(orbax_io.restore(path, target))[ORBAX_KEY], mesh)
         source = open_checkpoint(path)
         config = config_from_source(source)
         target = flatten(abstract_params(config))
-        shardings = None if mesh is None else {k: _replicated(mesh) for k in target}
-        return cls(config, magvit_keymap().load(source, target, dtype=np.float32, shardings=shardings), mesh)
-
-    @classmethod
-    def _load_orbax(cls, path: Path, mesh: Mesh | None) -> "ImageTokenizer":
-        import orbax.checkpoint as ocp
-
-        try:
-            fields = json.loads((path / ORBAX_CONFIG).read_text())
-            config = MagvitConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-        except (json.JSONDecodeError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path / ORBAX_CONFIG}: not a MAGVIT-v2 config ({e})") from None
-        place = _replicated(mesh) if mesh is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=place),
-                              abstract_params(config))
-        with ocp.StandardCheckpointer() as checkpointer:
-            params = checkpointer.restore((path / "params").absolute(), target)
+        params = magvit_keymap().load(source, target, dtype=np.float32, shardings={k: place for k in target})
         return cls(config, params, mesh)
 
     def save(self, folder: str | os.PathLike, overwrite: bool = False) -> None:
-        """Writes an orbax folder (`params/` plus the config file), built beside it and renamed into place."""
-        import orbax.checkpoint as ocp
-
-        folder = Path(folder).absolute()
-        if folder.exists() and not overwrite:
-            raise FileExistsError(f"{folder} exists (use overwrite to replace it)")
-        if not folder.parent.is_dir():
-            raise FileNotFoundError(f"{folder}: folder {folder.parent} does not exist")
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            with ocp.StandardCheckpointer() as checkpointer:
-                checkpointer.save(tmp / "params", self.params)
-                checkpointer.wait_until_finished()
-            (tmp / ORBAX_CONFIG).write_text(json.dumps(dataclasses.asdict(self.config), indent=1))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        """Writes our orbax checkpoint folder (convert.orbax_io: parameters plus the config), atomically."""
+        with orbax_io.writing(folder, force=overwrite) as checkpoint:
+            checkpoint.add_params({ORBAX_KEY: jax.device_get(self.params)})
+            checkpoint.meta[ORBAX_KEY] = dataclasses.asdict(self.config)
 
     def export(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Writes the reference `pytorch_model.safetensors` (path: a .safetensors file or a folder)."""
@@ -214,14 +187,13 @@ class ImageTokenizer:
     def _jitted(self) -> dict:
         module, mesh = Magvit(self.config), self.mesh
 
-        def run(method, params, x):
+        def apply(params, x, method, *args):
             with sharding.activate(mesh):
-                if method is Magvit.decode:
-                    side = math.isqrt(x.shape[-1])
-                    return module.apply({"params": params}, x, side, side, method=method)
-                return module.apply({"params": params}, x, method=method)
+                return module.apply({"params": params}, x, *args, method=method)
 
-        return {name: jax.jit(functools.partial(run, getattr(Magvit, name))) for name in ("latents", "encode", "decode")}
+        return {"latents": jax.jit(lambda params, x: apply(params, x, Magvit.latents)),
+                "encode": jax.jit(lambda params, x: apply(params, x, Magvit.encode)),
+                "decode": jax.jit(lambda params, c: apply(params, c, Magvit.decode, *[math.isqrt(c.shape[-1])] * 2))}
 
     def _batched(self, name: str, x: np.ndarray) -> np.ndarray:
         """Runs a jitted method on a batch, padded to a multiple of the mesh's data-parallel size and sharded."""
@@ -260,7 +232,3 @@ class ImageTokenizer:
         if size not in SIZES:
             raise ImageError(f"size must be one of {SIZES} (Omni-Diffusion's resolutions), got {size}")
         return self.encode_images(np.stack([load_image(p, size) for p in paths]))
-
-
-def _replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())

@@ -201,27 +201,29 @@ def test_real_images_at_256(ref, tok, assets, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 
-def test_export_is_the_reference_state_dict(ref, tok, tmp_path):
-    out = tok.export(tmp_path)
-    assert out.name == "pytorch_model.safetensors"
-    exported = load_file(str(out))
-    expected = ref.state_dict()
+def assert_reference_state_dict(path, ref):
+    exported, expected = load_file(str(path)), ref.state_dict()
     assert exported.keys() == expected.keys()
     for key, tensor in expected.items():
         assert exported[key].dtype == tensor.dtype, key
         torch.testing.assert_close(exported[key], tensor, rtol=0, atol=0)
+
+
+def test_checkpoint_round_trips(ref, tok, ckpt, tmp_path, capsys):
+    out = tok.export(tmp_path)
+    assert out.name == "pytorch_model.safetensors"
+    assert_reference_state_dict(out, ref)  # LFQ buffers included
     with pytest.raises(FileExistsError):
         tok.export(out)
-
-
-def test_orbax_round_trip(tok, tmp_path):
-    tok.save(tmp_path / "orbax")
+    assert cli.main(["image", "convert", str(ckpt), str(tmp_path / "orbax")]) == 0
     back = ImageTokenizer.load(tmp_path / "orbax")
     assert back.config == TINY
     for (path, a), b in zip(flatten(tok.params).items(), flatten(back.params).values()):
         np.testing.assert_array_equal(a, b, err_msg=path)
-    with pytest.raises(FileExistsError):
-        tok.save(tmp_path / "orbax")
+    assert cli.main(["image", "convert", str(tmp_path / "orbax"), str(tmp_path / "back.safetensors")]) == 0
+    assert_reference_state_dict(tmp_path / "back.safetensors", ref)
+    assert cli.main(["image", "convert", str(ckpt), str(tmp_path / "orbax")]) == 2
+    assert "already exists" in capsys.readouterr().err
 
 
 def test_bad_checkpoints(ref, tmp_path):
