@@ -15,6 +15,7 @@ speech encoder and projector slots in ahead of it in `param_groups`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -115,18 +116,19 @@ def import_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: str
     on_tensor = progress(len(keys), total) if progress else None
 
     with orbax_io.writing(dst, force) as ckpt:
-        batch, in_flight = {}, 0
+        batch, batch_bytes, in_flight = {}, 0, 0
         for group, plan in plans:
             for path, entry in plan.entries.items():
                 shape, leaf_dtype = group.target[path].shape, dtypes_by_leaf[group.name, path]
                 if in_flight + _nbytes(shape, leaf_dtype) > _OVERLAP_BYTES:
-                    ckpt.wait()  # bounds what is held for background writes
+                    ckpt.wait()  # bounds the memory held by background writes
                     in_flight = 0
-                batch[f"{group.name}/{path}"] = _build_leaf(source, entry, shape, leaf_dtype, on_tensor)
-                if sum(a.nbytes for a in batch.values()) >= _BATCH_BYTES:
-                    in_flight += sum(a.nbytes for a in batch.values())
+                leaf = _build_leaf(source, entry, shape, leaf_dtype, on_tensor)
+                batch[f"{group.name}/{path}"] = leaf
+                batch_bytes += leaf.nbytes
+                if batch_bytes >= _BATCH_BYTES:
                     ckpt.add_params(unflatten(batch))
-                    batch = {}
+                    batch, batch_bytes, in_flight = {}, 0, in_flight + batch_bytes
         if batch:
             ckpt.add_params(unflatten(batch))
         for file in hf_files(folder):
@@ -304,7 +306,7 @@ def export_checkpoint(src: str | os.PathLike | OmniModel, dst: str | os.PathLike
         cfg, layout = _stored_config(src)
         files = src / orbax_io.FILES_DIR
         stored = orbax_io.stored_leaves(src)
-        fetch = lambda p: orbax_io.restore(src, {p: stored[p]})[p]  # noqa: E731
+        fetch = functools.partial(_restore_one, src, stored)
     groups = param_groups(cfg)
     _check_leaves(stored, groups)
     manifest = [(p, key, shape, stored[p].dtype) for g in groups for p, key, shape in _export_manifest(g, stored)]
@@ -333,6 +335,10 @@ def export_checkpoint(src: str | os.PathLike | OmniModel, dst: str | os.PathLike
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     parameters = sum(int(np.prod(shape)) for *_, shape, _ in manifest)
     return Summary(len(manifest), parameters, total, tuple(dtypes), time.perf_counter() - start)
+
+
+def _restore_one(folder: Path, stored: Mapping[str, jax.ShapeDtypeStruct], path: str) -> np.ndarray:
+    return orbax_io.restore(folder, {path: stored[path]})[path]
 
 
 def _check_leaves(stored: Mapping[str, jax.ShapeDtypeStruct], groups: list[ParamGroup]) -> None:

@@ -16,6 +16,7 @@ its devices hold), in the dtype asked for.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -35,12 +36,14 @@ PARAMS_DIR = "params"
 FILES_DIR = "hf"
 FORMAT = "omnidiff-orbax"
 VERSION = 1
+_RESTORE_BYTES = 1 << 30
 
 
 def _context(partial_load: bool = False) -> ocp.Context:
     ctx = ocp.Context()
     ctx.array.saving.use_compression = False  # weights barely compress; zstd would halve the throughput
-    ctx.array.saving.storage_options.chunk_byte_size = 64 << 20  # many mid-size chunks write fastest
+    # mid-size chunks write fast, and a sharded restore reads only the chunks its devices' slices overlap
+    ctx.array.saving.storage_options.chunk_byte_size = 32 << 20
     ctx.memory.deepcopy_host_arrays = False  # the writer never mutates an array it has handed over
     ctx.pytree.loading.partial_load = partial_load
     return ctx
@@ -157,28 +160,43 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def stored_leaves(path: str | os.PathLike) -> dict[str, jax.ShapeDtypeStruct]:
-    """Flat {"group/a/b": ShapeDtypeStruct} of every stored parameter, read from the metadata only."""
+def _metadata(path: str | os.PathLike) -> dict:
     read_meta(path)
     tree = ocp.metadata(Path(path).absolute() / PARAMS_DIR).metadata
     if not tree:
         raise CheckpointError(f"{path}: no parameters in {PARAMS_DIR}/")
-    return {k: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)) for k, m in flatten(tree).items()}
+    return flatten(tree)
 
 
-def restore(path: str | os.PathLike, target: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
-    """Reads the leaves named in flat `target` (any subset), each in its dtype and onto its sharding.
+def stored_leaves(path: str | os.PathLike) -> dict[str, jax.ShapeDtypeStruct]:
+    """Flat {"group/a/b": ShapeDtypeStruct} of every stored parameter, read from the metadata only."""
+    return {k: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)) for k, m in _metadata(path).items()}
 
-    A target without a sharding lands on the host CPU device. Names and shapes are checked against the stored
-    metadata first, and every problem is reported in one error.
+
+def restore(path: str | os.PathLike, target: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array | np.ndarray]:
+    """Reads the leaves named in flat `target` (any subset), each in its dtype: onto its sharding when it has
+    one (each process reads only the slices its devices hold), else as a host NumPy array.
+
+    Leaves are read about `_RESTORE_BYTES` at a time, which bounds the host memory in transit. Names and shapes
+    are checked against the stored metadata first, and every problem is reported in one error.
     """
-    stored = stored_leaves(path)
+    stored = _metadata(path)
     problems = [f"{k}: not in the checkpoint" for k in target if k not in stored]
-    problems += [f"{k}: stored with shape {stored[k].shape}, expected {tuple(t.shape)}"
+    problems += [f"{k}: stored with shape {tuple(stored[k].shape)}, expected {tuple(t.shape)}"
                  for k, t in target.items() if k in stored and tuple(stored[k].shape) != tuple(t.shape)]
     if problems:
         raise CheckpointError(f"cannot restore {path}:\n  - " + "\n  - ".join(problems))
-    host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    abstract = {k: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding or host) for k, t in target.items()}
-    with _context(partial_load=len(target) < len(stored)):
-        return flatten(ocp.load(Path(path).absolute() / PARAMS_DIR, unflatten(abstract)))
+    out: dict = {}
+    chunk: dict = {}
+    for n, (k, t) in enumerate(target.items()):
+        # a NumPy metadata leaf asks orbax for a host array, a ShapeDtypeStruct with a sharding for a jax.Array
+        chunk[k] = t if t.sharding is not None else dataclasses.replace(stored[k], dtype=np.dtype(t.dtype))
+        if n + 1 == len(target) or sum(_nbytes(c) for c in chunk.values()) >= _RESTORE_BYTES:
+            with _context(partial_load=len(chunk) < len(stored)):
+                out.update(flatten(ocp.load(Path(path).absolute() / PARAMS_DIR, unflatten(chunk))))
+            chunk = {}
+    return out
+
+
+def _nbytes(leaf) -> int:
+    return int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
