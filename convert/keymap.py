@@ -74,6 +74,20 @@ def heads_in(num_heads: int, head_dim: int) -> Transform:
                      lambda k: k.reshape(num_heads * head_dim, k.shape[-1]).T)
 
 
+def weight_norm(then: Transform = IDENTITY) -> Transform:
+    """Folds torch weight norm (dim 0) from sources (v, g): w = v * (g / ||v||), the L2 norm over every axis but 0,
+    no epsilon, computed in the stored layout before `then` (so a ConvTranspose's in-channel dim 0 needs nothing
+    special). g must be [v.shape[0], 1, ...]. Not invertible."""
+
+    def fold(v, g):
+        if tuple(g.shape) != (v.shape[0],) + (1,) * (v.ndim - 1):
+            raise ValueError(f"weight-norm g has shape {tuple(g.shape)}, v has {tuple(v.shape)}")
+        norm = (v * v).sum(axis=tuple(range(1, v.ndim)), keepdims=True) ** 0.5
+        return then.forward(v * (g / norm))
+
+    return Transform(f"weight_norm({then.name})", fold, None)
+
+
 # --------------------------------------------------------------------------------------------------- rules
 
 _FIELD = re.compile(r"\{(\w+)\}")
@@ -165,13 +179,13 @@ class KeyMap:
             if key in consumed:
                 continue
             for rule, src_res, _ in rule_res:
-                m = src_res[0].fullmatch(key)
+                m = next((m for r in src_res if (m := r.fullmatch(key))), None)  # any source: files order freely
                 if not m:
                     continue
                 fields = m.groupdict()
                 i = int(fields["i"]) if rule.stacked else None
                 path = rule.dst.format(**fields)
-                keys = (key,) + tuple(s.format(**fields) for s in rule.sources[1:])
+                keys = tuple(s.format(**fields) for s in rule.sources)
                 entry = entries.setdefault(path, _Entry(path, rule, {}))
                 entry.keys[i] = keys
                 consumed.update(keys)
