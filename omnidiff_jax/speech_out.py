@@ -1,0 +1,222 @@
+"""Speech output: GLM-4-Voice codes -> 22.05 kHz waveform (flow-matching decoder to mel, then the HiFT vocoder).
+
+    decoder = SpeechDecoder.load("glm-4-voice-decoder")         # config.yaml, flow.pt, hift.pt
+    waves = decode_speech([codes_a, codes_b], decoder, seed=0)  # float32 [samples] each, in [-0.99, 0.99]
+
+An utterance of N codes becomes 256 * mel_frames(N) samples (about 1764 per code). A call's utterances are grouped
+by code-length bucket (N rounded up by at most 25%), and each group runs as one batch through the jitted flow and
+vocoder, which compile once per (batch size, bucket). Padding is masked exactly, so an utterance's waveform does not
+depend on its bucket or batch-mates: utterance i draws its randomness from fold_in(key(seed), i), and the noise is
+drawn frame by frame. The reference (spec tokenizers.md §3.2) seeds torch with 42 instead; to reproduce it, pass
+its noise: `SpeechDecoder.mel(codes, noise=...)` takes the flow's starting noise z, `.vocode(..., source=...)` the
+vocoder's harmonic source signal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from omnidiff_jax.convert.glm4voice_decoder import flow_keymap, hift_keymap, read_decoder_config
+from omnidiff_jax.convert.keymap import flatten
+from omnidiff_jax.convert.sources import CheckpointError, open_source
+from omnidiff_jax.models.flow import SAMPLE_RATE, Flow, FlowConfig, generate_mel, mel_frames
+from omnidiff_jax.models.hift import HiFT, HiFTConfig
+
+
+class CodesError(ValueError):
+    """Speech codes that cannot be decoded; the message names the utterance, position and value at fault."""
+
+
+def check_codes(codes, vocab_size: int) -> list[np.ndarray]:
+    """A batch (a sequence of code sequences) as int32 arrays; each non-empty, 1-D, integer, in [0, vocab_size)."""
+    if isinstance(codes, (str, bytes)) or not hasattr(codes, "__len__") or len(codes) == 0:
+        raise CodesError("expected a non-empty batch: a sequence of code sequences")
+    rows = []
+    for i, row in enumerate(codes):
+        arr = np.asarray(row)
+        if arr.ndim != 1:
+            raise CodesError(f"utterance {i}: expected a 1-D sequence of codes, got shape {arr.shape} (a single "
+                             "utterance must be wrapped in a list)")
+        if arr.size == 0:
+            raise CodesError(f"utterance {i}: the code list is empty")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise CodesError(f"utterance {i}: codes must be integers, got dtype {arr.dtype}")
+        bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
+        if bad.size:
+            raise CodesError(f"utterance {i}: code {int(arr[bad[0]])} at position {int(bad[0])} is outside "
+                             f"[0, {vocab_size})")
+        rows.append(arr.astype(np.int32))
+    return rows
+
+
+def token_bucket(n: int) -> int:
+    """The padded code length for n codes: n rounded up to a multiple of max(8, 2^(floor(log2 n) - 2))."""
+    step = max(8, 1 << (n.bit_length() - 3))
+    return -(-n // step) * step
+
+
+def _frame_noise(key, frames: int, shape: tuple[int, ...]) -> jax.Array:
+    """[frames, *shape] standard normal; frame f depends only on (key, f), not on how many frames are drawn."""
+    return jax.vmap(lambda f: jax.random.normal(jax.random.fold_in(key, f), shape))(jnp.arange(frames))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _flow_noise(cfg: FlowConfig, keys, frames: int):
+    return jax.vmap(lambda k: _frame_noise(k, frames, (cfg.output_size,)))(keys)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _source_randomness(cfg: HiFTConfig, keys, frames: int):
+    """Per row: initial phases [H] ~ U(-pi, pi) and noise [frames, 256, H] ~ N(0, 1)."""
+
+    def one(key):
+        phase_key, noise_key = jax.random.split(key)
+        phases = jax.random.uniform(phase_key, (cfg.harmonics,), minval=-math.pi, maxval=math.pi)
+        return phases, _frame_noise(noise_key, frames, (cfg.samples_per_frame, cfg.harmonics))
+
+    return jax.vmap(one)(keys)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _flow_mel(cfg: FlowConfig, params, codes, token_lengths, frame_mask, noise):
+    return generate_mel(Flow(cfg), params, codes, token_lengths, frame_mask, noise)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _vocode(cfg: HiFTConfig, params, mel, frame_lengths, phases, noise):
+    return HiFT(cfg).apply({"params": params}, mel, frame_lengths, phases, noise)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _vocode_source(cfg: HiFTConfig, params, mel, frame_lengths, source):
+    return HiFT(cfg).apply({"params": params}, mel, source, frame_lengths, method=HiFT.decode)
+
+
+def _param_shapes(module, *args) -> dict:
+    variables = jax.eval_shape(module.init, jax.random.key(0), *args)
+    return flatten(variables["params"])
+
+
+def flow_param_shapes(cfg: FlowConfig) -> dict:
+    """Flat {path: ShapeDtypeStruct} of the flow's parameters, without allocating them."""
+    codes, lengths = jax.ShapeDtypeStruct((1, 8), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)
+    frames = jax.ShapeDtypeStruct((1, 55), jnp.bool_)
+    x, t = jax.ShapeDtypeStruct((1, 55, cfg.output_size), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.float32)
+    return _param_shapes(Flow(cfg), codes, lengths, frames, x, t)
+
+
+def hift_param_shapes(cfg: HiFTConfig) -> dict:
+    """Flat {path: ShapeDtypeStruct} of the vocoder's parameters, without allocating them."""
+    mel = jax.ShapeDtypeStruct((1, 4, cfg.in_channels), jnp.float32)
+    lengths, phases = jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((1, cfg.harmonics), jnp.float32)
+    noise = jax.ShapeDtypeStruct((1, 4, cfg.samples_per_frame, cfg.harmonics), jnp.float32)
+    return _param_shapes(HiFT(cfg), mel, lengths, phases, noise)
+
+
+def _pad_rows(rows: Sequence[np.ndarray], length: int) -> np.ndarray:
+    """Stacks [n_i, ...] arrays zero-padded to [B, length, ...]."""
+    out = np.zeros((len(rows), length) + np.shape(rows[0])[1:], np.float32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+@dataclasses.dataclass
+class SpeechDecoder:
+    """The flow decoder and vocoder with their float32 parameters (plain nested dicts)."""
+
+    flow_config: FlowConfig
+    hift_config: HiFTConfig
+    flow_params: dict
+    hift_params: dict
+
+    sample_rate = SAMPLE_RATE
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "SpeechDecoder":
+        """Reads a `THUDM/glm-4-voice-decoder` folder: config.yaml, flow.pt and hift.pt (weights only)."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: not a folder (expected config.yaml, flow.pt and hift.pt in it)")
+        flow_cfg, hift_cfg = read_decoder_config(folder / "config.yaml")
+        flow = flow_keymap(flow_cfg).load(open_source(folder / "flow.pt"), flow_param_shapes(flow_cfg),
+                                          dtype=np.float32)
+        hift = hift_keymap(hift_cfg).load(open_source(folder / "hift.pt"), hift_param_shapes(hift_cfg),
+                                          dtype=np.float32)
+        return cls(flow_cfg, hift_cfg, flow, hift)
+
+    def mel(self, codes, *, keys=None, noise=None) -> tuple[jax.Array, np.ndarray]:
+        """Mel spectrograms of a batch: ([B, T, C] padded to the bucket's frame count, each row's frame count).
+
+        Exactly one of `keys` ([B] JAX keys) or `noise` (per utterance a [frames_i, C] array: the solver's starting
+        point, e.g. the reference's z transposed).
+        """
+        rows = check_codes(codes, self.flow_config.vocab_size)
+        if (keys is None) == (noise is None):
+            raise ValueError("give exactly one of keys or noise")
+        lengths = np.array([len(r) for r in rows], np.int32)
+        frames = mel_frames(lengths)
+        n = token_bucket(int(lengths.max()))
+        t = int(mel_frames(n))
+        if noise is None:
+            z = _flow_noise(self.flow_config, keys, t)
+        else:
+            shapes = [np.shape(z) for z in noise]
+            want = [(int(f), self.flow_config.output_size) for f in frames]
+            if shapes != want:
+                raise ValueError(f"noise shapes {shapes} do not match the utterances' [frames, mel bins] {want}")
+            z = _pad_rows(noise, t)
+        mel = _flow_mel(self.flow_config, self.flow_params, _pad_rows(rows, n).astype(np.int32), lengths,
+                        np.arange(t)[None] < frames[:, None], z)
+        return mel, frames
+
+    def vocode(self, mel, frame_lengths, *, keys=None, source=None) -> np.ndarray:
+        """Waveforms [B, 256 T] of mel [B, T, C]; row b is valid for 256 * frame_lengths[b] samples.
+
+        Exactly one of `keys` ([B] JAX keys for the sine phases and noise) or `source` (per utterance the harmonic
+        source signal, [256 frame_lengths_i], e.g. the reference's).
+        """
+        cfg = self.hift_config
+        frame_lengths = np.asarray(frame_lengths, np.int32)
+        if (keys is None) == (source is None):
+            raise ValueError("give exactly one of keys or source")
+        if source is None:
+            phases, noise = _source_randomness(cfg, keys, mel.shape[1])
+            wave = _vocode(cfg, self.hift_params, mel, frame_lengths, phases, noise)
+        else:
+            s = _pad_rows([np.asarray(x, np.float32) for x in source], mel.shape[1] * cfg.samples_per_frame)
+            wave = _vocode_source(cfg, self.hift_params, mel, frame_lengths, s)
+        return np.asarray(wave)
+
+
+def _row_keys(seed: int, rows: Sequence[int], stream: int):
+    key = jax.random.key(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, i), stream))(jnp.asarray(rows))
+
+
+def decode_speech(codes, decoder: SpeechDecoder, *, seed: int = 0) -> list[np.ndarray]:
+    """Decodes a batch of GLM-4-Voice code sequences to float32 waveforms at 22050 Hz, one per utterance.
+
+    codes: a sequence of integer sequences in [0, 16384). Raises CodesError (a ValueError) naming the utterance,
+    position and value of the first bad code, or an empty utterance.
+    """
+    rows = check_codes(codes, decoder.flow_config.vocab_size)
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(token_bucket(len(r)), []).append(i)
+    out: list[np.ndarray] = [None] * len(rows)  # type: ignore[list-item]
+    hop = decoder.hift_config.samples_per_frame
+    for _, members in sorted(groups.items()):
+        mel, frames = decoder.mel([rows[i] for i in members], keys=_row_keys(seed, members, 0))
+        waves = decoder.vocode(mel, frames, keys=_row_keys(seed, members, 1))
+        for j, i in enumerate(members):
+            out[i] = waves[j, :frames[j] * hop]
+    return out
