@@ -1,0 +1,307 @@
+"""Sampler parity: our jitted sampler against the PyTorch transcription of the reference `_sample` loop
+(tests/torch_ref/sampler.py), both driven by the same tiny Dream weights read from a real safetensors folder
+through our converter, in float32. Plus batching, the sampling modes (statistically), the prefix cache, the
+schedule rules the spec states, bad input, the mesh, the adaptive-length helpers and the CLI.
+
+The fixture model's lm_head is scaled by 3 so that top-p 0.9 keeps ~20 tokens (it is exercised) and no masked
+row is left with a single token (which would make whole groups of positions tie at confidence 0 or 1, where
+torch's top-k order is unspecified).
+"""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import omnidiff_jax
+from omnidiff_jax import adaptive_length
+from omnidiff_jax.prefix_cache import run_layers
+from omnidiff_jax.sampler import MAX_POSITIONS, Prompt, boa_index, sample, schedule
+from torch_ref import dream as dream_ref
+from torch_ref.sampler import reference_sample, sample_tokens, top_p_filter
+
+P, N, STEPS, BLOCK = 12, 128, 8, 32  # N > 100 so the position penalty acts; 16 tokens per step
+FEATURE_COLUMNS = np.arange(3, 7)  # prompt columns whose embeddings are overwritten (as speech features are)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the reference loop is host-bound; threads only contend on this small machine
+    c = dream_ref.tiny_hf_config()
+    tm = dream_ref.random_dream(c, seed=1)
+    with torch.no_grad():
+        tm.lm_head.weight.mul_(3.0)
+    folder = dream_ref.save_hf(tm, tmp_path_factory.mktemp("sampler"), c)
+    jm = omnidiff_jax.load_model(folder)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 200, P).astype(np.int32)
+    feats = rng.normal(size=(FEATURE_COLUMNS.size, c["hidden_size"])).astype(np.float32)
+    with torch.no_grad():
+        embeds = tm.model.embed_tokens(torch.tensor(ids)[None]).clone()
+        embeds[0, FEATURE_COLUMNS] = torch.tensor(feats)
+    yield tm, jm, Prompt(ids, feats, FEATURE_COLUMNS), embeds, folder
+    torch.set_num_threads(threads)
+
+
+def reference(setup, **kw):
+    tm, jm, prompt, embeds, _ = setup
+    kw.setdefault("uncond_ids", prompt.ids[:8])
+    x, histories = reference_sample(tm, embeds, mask_id=jm.config.mask_token_id, boa_id=jm.layout.begin_of_audio,
+                                    **kw)
+    return x[0, P:].numpy(), np.stack([h[0, P:].numpy() for h in histories])
+
+
+CASES = list(itertools.product(["origin", "maskgit_plus", "topk_margin", "entropy", "entropy-penalty"],
+                               ["one block", "blocks"], ["no penalties", "penalties"], ["no BOA", "BOA"],
+                               [0.0, 1.0]))
+
+
+@pytest.mark.parametrize("alg,blocks,penalties,boa,cfg", CASES)
+def test_tokens_match_the_reference_loop(setup, alg, blocks, penalties, boa, cfg):
+    _, jm, prompt, _, _ = setup
+    # origin draws its transfers at random; with one step per block it commits every mask at once, deterministically
+    steps = (4 if blocks == "blocks" else 1) if alg == "origin" else STEPS
+    options = dict(gen_length=N, steps=steps, alg=alg, block_size=BLOCK if blocks == "blocks" else -1, cfg=cfg)
+    if penalties == "penalties":
+        options.update(repeat_penalty=1.5, max_position_penalty=2.0)
+    want, _ = reference(setup, add_boa=boa == "BOA", **options)
+    got = sample(jm, [prompt], boa_prefill=boa == "BOA", uncond=[prompt.ids[:8]] if cfg else None,
+                 cfg_compat=True, **options)[0]
+    assert got.dtype == np.int32 and got.shape == (N,)
+    np.testing.assert_array_equal(got, want)
+
+
+def transfer_counts(gen_length, steps):
+    counts, m = [], gen_length
+    for _, _, ratio, last in schedule(gen_length, steps, None, False):
+        counts.append(m if last else max(int(np.float32(m) * ratio), 1))
+        m -= counts[-1]
+    return counts
+
+
+def test_schedule_follows_the_spec():
+    # spec §1.6: N = S gives 1 token per step; N = 2S gives 1, 2, ..., 2, 3
+    assert transfer_counts(8, 8) == [1] * 8 and transfer_counts(128, 128) == [1] * 128
+    assert transfer_counts(16, 8) == [1, 2, 2, 2, 2, 2, 2, 3]
+    assert boa_index(57, 128) == 25  # spec §1.2: N = 128 puts BOA at P + 25
+    assert len(schedule(10, 10, 4, False)) == 4 + 4 + 2  # S_b = int(len_b / N * S), restarted per block
+
+
+def test_batch_rows_equal_single_rows_and_history_matches_step_by_step(setup):
+    _, jm, prompt, _, _ = setup
+    prompts = [prompt, Prompt(prompt.ids[:5]), Prompt(np.arange(40, 56, dtype=np.int32))]
+    lengths, steps = [128, 120, 113], [16, 12, 9]
+    options = dict(alg="entropy-penalty", repeat_penalty=1.3, max_position_penalty=1.5, block_size=48)
+    batch, history = sample(jm, prompts, gen_length=lengths, steps=steps, return_history=True, **options)
+    _, want = reference(setup, gen_length=N, steps=16, **options)
+    np.testing.assert_array_equal(history[0], want)
+    for r in range(3):
+        single = sample(jm, [prompts[r]], gen_length=lengths[r], steps=steps[r], **options)[0]
+        assert batch[r].shape == (lengths[r],) and history[r].shape[1] == lengths[r]
+        np.testing.assert_array_equal(batch[r], single)
+        np.testing.assert_array_equal(history[r][-1], single)
+
+
+def test_aligned_cfg_equals_running_the_unconditional_row_alone(setup):
+    # Aligned CFG mixes each generated position with the same position of `uncond ++ generation`; check one step
+    # against logits computed independently with the torch model.
+    tm, jm, prompt, embeds, _ = setup
+    un = prompt.ids[:5]
+    got = sample(jm, [prompt], gen_length=N, steps=1, cfg=1.5, uncond=[un])[0]  # top-p/top-k keep the argmax
+    mask = jm.config.mask_token_id
+    with torch.no_grad():
+        def shifted(e):
+            logits = tm.forward_dream(inputs_embeds=e)
+            return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        gen = tm.model.embed_tokens(torch.full((1, N), mask))
+        cond = shifted(torch.cat([embeds, gen], 1))[0, P:]
+        uncond = shifted(torch.cat([tm.model.embed_tokens(torch.tensor(un)[None]), gen], 1))[0, un.size:]
+        want = (uncond + 2.5 * (cond - uncond)).argmax(-1).numpy()
+    np.testing.assert_array_equal(got, want)
+
+
+def test_sampling_modes_follow_their_distributions(setup):
+    tm, jm, prompt, embeds, _ = setup
+    rows, n = 256, 16
+    # one step of entropy decoding with temperature 0.7 and alg_temp 0.5 (and top-p alone, the full-vocabulary
+    # filter path): the committed position is drawn from softmax(-entropy / 0.5) and its token from the
+    # filtered, tempered distribution of that position
+    _, history = sample(jm, [prompt] * rows, gen_length=n, steps=n, alg="entropy", temperature=0.7, alg_temp=0.5,
+                        top_k=None, seed=3, return_history=True)
+    first = np.stack([h[0] for h in history])  # [rows, n]
+    mask = jm.config.mask_token_id
+    committed = first != mask
+    assert committed.sum(1).max() == 1
+    first, committed = first[committed.any(1)], committed[committed.any(1)]  # drop rows that drew the mask id
+    rows = len(first)
+    assert rows > 200
+    with torch.no_grad():
+        x = torch.cat([torch.zeros(1, P, dtype=torch.long), torch.full((1, n), mask)], 1)
+        e = tm.model.embed_tokens(x)
+        e[:, :P] = embeds
+        logits = tm.forward_dream(inputs_embeds=e)
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)[0, P:]
+        neg_entropy, _ = sample_tokens(logits.clone(), 0.7, 0.9, None, neg_entropy=True)
+        probs = torch.softmax(top_p_filter(logits / 0.7, 0.9), -1).numpy()
+    want_pos = torch.softmax(neg_entropy / 0.5, -1).numpy()
+    got_pos = np.bincount(committed.argmax(1), minlength=n) / rows
+    assert 0.5 * np.abs(got_pos - want_pos).sum() < 0.12  # total variation; ~0.05 expected at 256 draws
+    pos = committed.argmax(1)
+    tokens = first[np.arange(rows), pos]
+    assert (probs[pos, tokens] > 0).all()  # only tokens that survive top-p and top-k
+    top_hits = (tokens == probs[pos].argmax(1)).sum()
+    expected = probs[pos].max(1).sum()
+    assert abs(top_hits - expected) < 4 * np.sqrt(expected), (top_hits, expected)
+
+    # origin: each masked position is committed at step 0 with probability 1 - t1/t0 = 0.999/4
+    rows = 256
+    options = dict(gen_length=n, steps=4, alg="origin", top_k=None, seed=4, return_history=True)
+    tokens, history = sample(jm, [prompt] * rows, **options)
+    rate = np.mean([(h[0] != mask).mean() for h in history])
+    assert abs(rate - 0.999 / 4) < 4 * np.sqrt(0.25 * 0.75 / (rows * n))
+    again, _ = sample(jm, [prompt] * rows, **options)
+    assert all((a == b).all() for a, b in zip(tokens, again))  # deterministic for a seed
+    other, _ = sample(jm, [prompt] * rows, **{**options, "seed": 5})
+    assert not all((a == b).all() for a, b in zip(tokens, other))
+
+
+def test_prefix_cache_layers_and_sampler(setup):
+    _, jm, prompt, _, _ = setup
+    cfg = jm.config
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 24, cfg.hidden_size)).astype(np.float32)
+    positions = np.broadcast_to(np.arange(24), (2, 24))
+    segments = np.zeros((2, 24), np.int32)
+    segments[1, 20:] = 1  # row 1 has 4 padding columns
+    full, (k, v) = run_layers(cfg, jm.params, x, positions, segments)
+    want = jm.module.apply({"params": jm.params}, None, inputs_embeds=x, positions=positions, segment_ids=segments,
+                           return_hidden=True)
+    np.testing.assert_allclose(full[:, :20], want[:, :20], rtol=1e-5, atol=1e-5)
+    suffix, _ = run_layers(cfg, jm.params, x[:, 10:], positions[:, 10:], segments[:, 10:],
+                           past=(k[:, :, :10], v[:, :, :10]), past_segments=segments[:, :10])
+    np.testing.assert_allclose(suffix[:, :10], full[:, 10:20], rtol=1e-5, atol=1e-5)
+
+    # blocks of one step each refresh the cache at every step: identical to the exact sampler
+    options = dict(gen_length=N, steps=4, block_size=BLOCK, alg="entropy")
+    np.testing.assert_array_equal(sample(jm, [prompt], prefix_cache=True, **options)[0],
+                                  sample(jm, [prompt], **options)[0])
+    cached = sample(jm, [prompt], gen_length=N, steps=STEPS, prefix_cache=True)[0]
+    assert (cached != jm.config.mask_token_id).all()
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(prompts=[[]]), "non-empty"),
+    (dict(prompts=[]), "at least one prompt"),
+    (dict(gen_length=0), "gen_length must be an integer >= 1"),
+    (dict(steps=0), "steps must be an integer >= 1"),
+    (dict(alg="greedy"), "unknown alg 'greedy'"),
+    (dict(gen_length=MAX_POSITIONS), "exceeds the model's maximum"),
+    (dict(prompts=[[1, 999]]), "token id 999"),
+    (dict(cfg=2.0), "needs `uncond`"),
+    (dict(cfg=2.0, uncond=[list(range(1, 20))], cfg_compat=True), "longer than prompts[0]"),
+    (dict(gen_length=[4, 4]), "2 entries for 1 prompts"),
+    (dict(top_p=0.0), "top_p must be in (0, 1]"),
+    (dict(block_size=0), "block_size must be"),
+    (dict(prompts=[Prompt([1, 2], np.zeros((1, 64)), [5])]), "embed_positions must lie in the prompt"),
+])
+def test_bad_input_raises_clear_errors(setup, change, message):
+    _, jm, _, _, _ = setup
+    args = {"prompts": [[1, 2, 3]], "gen_length": 4, "steps": 4, **change}
+    with pytest.raises(ValueError) as err:
+        sample(jm, args.pop("prompts"), **args)
+    assert message in str(err.value)
+
+
+def test_mesh_matches_single_device_without_gathering_the_vocabulary(setup):
+    script = textwrap.dedent(r"""
+        import json, re, sys
+        import jax, numpy as np
+        jax.config.update("jax_default_matmul_precision", "highest")
+        import omnidiff_jax
+        from omnidiff_jax import sampler
+        from omnidiff_jax.sharding import make_mesh
+        mesh = make_mesh(data=2, fsdp=2, tensor=2)
+        plain, sharded = omnidiff_jax.load_model(sys.argv[1]), omnidiff_jax.load_model(sys.argv[1], mesh=mesh)
+        prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11], [12]]
+        options = dict(gen_length=[16, 12, 9, 16], steps=8, alg="entropy-penalty", repeat_penalty=1.2)
+        a = sampler.sample(plain, prompts, **options)
+        b = sampler.sample(sharded, prompts, **options)
+        program = sampler._program(sharded.config, mesh, sampler._Static(50, False, False, False))
+        inputs = sampler._plan(sharded, [sampler._as_prompt(p, sharded, "p") for p in prompts], None,
+                               options["gen_length"], [8] * 4, None, False, False)
+        knobs = sampler._Knobs(alg=np.int32(4), temperature=np.float32(0), top_p=np.float32(0.9),
+                               alg_temp=np.float32(0), cfg=np.float32(0), repeat_penalty=np.float32(1.2),
+                               max_position_penalty=np.float32(1))
+        text = program.lower(sharded.params, inputs, knobs, jax.random.key(0)).compile().as_text()
+        shapes = re.findall(r"= \w+\[([\d,]*)\]\S* all-gather\(", text)
+        gathers = [s for s in shapes if s.endswith(str(sharded.config.vocab_size))]
+        json.dump({"plain": [x.tolist() for x in a], "sharded": [x.tolist() for x in b], "vocab_gathers": gathers},
+                  sys.stdout)
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-c", script, str(setup[4])], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["sharded"] == result["plain"]
+    assert result["vocab_gathers"] == []
+
+
+def test_adaptive_lengths_follow_the_evaluation_scripts():
+    # spec §3: 10 s of audio -> T_lfr 167 -> P ~ 187 -> N = 37, steps = 18
+    asr = adaptive_length.asr(187)
+    assert (asr["gen_length"], asr["steps"], asr["block_size"], asr["alg"]) == (37, 18, 37, "entropy")
+    tts = adaptive_length.tts(11)
+    assert (tts["gen_length"], tts["steps"], tts["alg"], tts["repeat_penalty"]) == (38, 19, "entropy-penalty", 1.2)
+    assert adaptive_length.tts_text("Convert the text to speech.\n  Hello there. ") == "Hello there."
+    with pytest.raises(ValueError, match="prompt_length"):
+        adaptive_length.asr(4)
+
+
+def test_cli_generate_with_random_tiny_weights(setup, capsys):
+    from omnidiff_jax import cli
+    assert cli.main(["generate", "--config", "tiny", "--prompt-ids", "1,2,3", "--prompt-ids", "4,5",
+                     "--gen-length", "128", "--steps", "8", "--batch-size", "1"]) == 0
+    out = capsys.readouterr()
+    assert "random weights" in out.err.lower()
+    lines = [json.loads(line) for line in out.out.splitlines()]
+    assert [line["prompt_ids"] for line in lines] == [[1, 2, 3], [4, 5]]
+    assert [len(line["ids"]) for line in lines] == [128, 128]
+    assert cli.main(["generate", "--config", "tiny", "--prompt", "hello", "--gen-length", "8"]) == 2
+    assert "--prompt-ids" in capsys.readouterr().err
+
+
+def test_cli_generate_with_a_checkpoint_and_its_tokenizer(setup, tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from omnidiff_jax import cli
+    tm, jm, _, _, folder = setup
+    c = dream_ref.tiny_hf_config()
+    folder = dream_ref.save_hf(tm, tmp_path / "ckpt", c)
+    words = [f"w{i}" for i in range(200)] + ["hello", "world"]
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    fast.save_pretrained(folder)
+    out_file = tmp_path / "out.jsonl"
+    argv = ["generate", "--model", str(folder), "--prompt", "hello world", "--gen-length", "128", "--steps", "8",
+            "--output", str(out_file)]
+    assert cli.main(argv + ["--raw"]) == 0
+    record = json.loads(out_file.read_text().splitlines()[0])
+    assert record["prompt_ids"] == [200, 201] and isinstance(record["text"], str)
+    assert record["ids"] == sample(jm, [[200, 201]], gen_length=128, steps=8)[0].tolist()
+    assert cli.main(argv) == 2  # an existing output file is not overwritten without --force
+    assert "exists" in capsys.readouterr().err
+    assert cli.main(argv + ["--force"]) == 0  # the chat template: <|im_start|>user\n ... <|im_start|>assistant\n
+    ids = json.loads(out_file.read_text().splitlines()[0])["prompt_ids"]
+    assert ids[0] == jm.layout.im_start and ids.count(jm.layout.im_start) == 2 and ids.count(jm.layout.im_end) == 1
