@@ -19,11 +19,11 @@ ENC = TEXT.encode
 
 def fake_image(paths, size):
     """(size / 16)^2 codes, a function of the file name: MAGVIT's shape without MAGVIT."""
-    return [(np.arange((size // 16) ** 2) * 7 + sum(p.encode())) % LAYOUT.num_image_codes for p in paths]
+    return [(np.arange((size // 16) ** 2) * 7 + 29 * sum(p.encode())) % LAYOUT.num_image_codes for p in paths]
 
 
 def fake_codes(paths):
-    return [(np.arange(5) * 3 + len(p)) % LAYOUT.num_audio_codes for p in paths]
+    return [(np.arange(5) * 3 + 29 * sum(p.encode())) % LAYOUT.num_audio_codes for p in paths]
 
 
 def fake_features(paths):
@@ -57,6 +57,29 @@ LAYOUTS = {
                           {"role": "assistant", "content": "a red car\n<|audio|>"}],
              "audios": ["4.wav", "b.wav"], "images": ["car.png"]},
 }
+
+
+def write_tiny_dataset(root, count=3):
+    """Prepared t2i / tts / vqa sources for configs/train_tiny.py under `root` (fake media tokenizers)."""
+    words = ["cat", "dog", "sun", "car", "tree", "boat", "fish", "bird"][:count]
+    records = {
+        "t2i": [{"messages": [{"role": "user", "content": f"draw {w}"},
+                              {"role": "assistant", "content": "<|image|>"}], "images": [f"{w}.png"]} for w in words],
+        "tts": [{"messages": [{"role": "user", "content": f"say {w}"},
+                              {"role": "assistant", "content": "<|audio|>"}], "audios": [f"{w}.wav"]} for w in words],
+        "vqa": [{"messages": [{"role": "user", "content": "what?\n<|image|>"},
+                              {"role": "assistant", "content": w}], "images": [f"{w}.png"]} for w in words],
+    }
+    (root / "raw").mkdir(parents=True)
+    for w in words:
+        (root / "raw" / f"{w}.png").write_bytes(b"")
+        (root / "raw" / f"{w}.wav").write_bytes(b"")
+    for name, recs in records.items():
+        jsonl = root / f"{name}.jsonl"
+        jsonl.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        prepare.prepare_source([jsonl], root / name, LAYOUT, TOKENIZERS, prefix=str(root / "raw"),
+                               image_sizes=SIZES, progress=False)
+    return records
 
 
 def turn(role, body, supervised):

@@ -1,0 +1,133 @@
+"""`omnidiff train --config FILE [--config.<field>=<value> ...]` and `omnidiff data prepare --config FILE`.
+
+Overrides follow ml_collections' config_flags: `--config.train.steps=100` or `--config.train.steps 100`; the value
+is parsed as the field's current type (lists and tuples as Python literals).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+from pathlib import Path
+
+import ml_collections
+
+PREFIX = "--config."
+
+
+def register(group) -> None:
+    train = group("").add_parser("train", help="train the Dream LLM (masked diffusion) per a training config")
+    train.add_argument("--config", required=True, help="a training config file, e.g. configs/stage1.py")
+    train.add_argument("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize()")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=run_train)
+    _accept_overrides(train)
+
+    prepare = group("data").add_parser("prepare", help="tokenize a config's jsonl sources into training shards")
+    prepare.add_argument("--config", required=True, help="a training config file, e.g. configs/stage1.py")
+    prepare.add_argument("--source", action="append", help="only this source (repeatable; default: all)")
+    prepare.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping")
+    prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prepare.set_defaults(func=run_prepare)
+    _accept_overrides(prepare)
+
+
+def _accept_overrides(parser: argparse.ArgumentParser) -> None:
+    """Lets `parser` collect `--config.<field>` arguments into `args.overrides` as (field, text) pairs."""
+    parse_known = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        namespace, rest = parse_known(args, namespace)
+        namespace.overrides, others = [], []
+        rest = iter(rest)
+        for arg in rest:
+            if not arg.startswith(PREFIX):
+                others.append(arg)
+            elif "=" in arg:
+                namespace.overrides.append(tuple(arg[len(PREFIX):].split("=", 1)))
+            else:
+                value = next(rest, None)
+                if value is None:
+                    parser.error(f"{arg} needs a value")
+                namespace.overrides.append((arg[len(PREFIX):], value))
+        return namespace, others
+
+    parser.parse_known_args = parse_known_args
+
+
+def load_config(path: str, overrides) -> ml_collections.ConfigDict:
+    """The config file's ConfigDict with `(dotted field, text)` overrides applied."""
+    from omnidiff_jax.config import get_config
+
+    cfg = get_config(path)
+    for field, text in overrides:
+        apply_override(cfg, field, text)
+    return cfg
+
+
+def apply_override(cfg: ml_collections.ConfigDict, field: str, text: str) -> None:
+    """Sets `cfg.<field>` from `text`, parsed as the field's current type."""
+    *parents, name = field.split(".")
+    node = cfg
+    for i, part in enumerate(parents):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ValueError(f"--config.{field}: no config section {'.'.join(parents[:i + 1])}")
+        node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+        raise ValueError(f"--config.{field}: no such field")
+    node[name] = _parse(text, node[name], field)
+
+
+def _parse(text: str, current, field: str):
+    try:
+        if isinstance(current, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        if isinstance(current, (int, float)):
+            return type(current)(ast.literal_eval(text)) if isinstance(current, float) else int(text)
+        if isinstance(current, (list, tuple)):
+            return type(current)(ast.literal_eval(text))
+    except (ValueError, SyntaxError):
+        raise ValueError(f"--config.{field}: {text!r} is not a valid {type(current).__name__}") from None
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ValueError(f"--config.{field} is a section; set one of its fields ({', '.join(current)})")
+    return text
+
+
+def run_train(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.distributed:
+        from omnidiff_jax.sharding import initialize_distributed
+
+        initialize_distributed()
+    from omnidiff_jax.train.trainer import Trainer
+
+    state = Trainer(cfg).run(progress=not args.no_progress)
+    print(f"trained to step {int(state.step)}; checkpoints in {Path(cfg.train.workdir) / 'checkpoints'}")
+    return 0
+
+
+def run_prepare(args) -> int:
+    from omnidiff_jax.config import token_layout
+    from omnidiff_jax.train.prepare import prepare_source, tokenizers_from_config
+
+    cfg = load_config(args.config, args.overrides)
+    names = args.source or sorted(cfg.data.sources)
+    unknown = sorted(set(names) - set(cfg.data.sources))
+    if unknown:
+        raise ValueError(f"unknown source(s) {unknown}; the config has {sorted(cfg.data.sources)}")
+    layout = token_layout(cfg)
+    tokenizers = tokenizers_from_config(cfg.prepare, layout)
+    p = cfg.prepare
+    for name in names:
+        src = cfg.data.sources[name]
+        if not src.jsonl:
+            raise ValueError(f"source {name}: no jsonl files (data.sources.{name}.jsonl)")
+        totals = prepare_source(src.jsonl, Path(cfg.data.root) / src.path, layout, tokenizers, prefix=src.prefix,
+                                shard_size=p.shard_size, batch_size=p.batch_size,
+                                image_sizes=(p.user_image_size, p.image_size), strict=args.strict or p.strict,
+                                progress=not args.no_progress)
+        print(f"{name}: {json.dumps(totals)}")
+    return 0

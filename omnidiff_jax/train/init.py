@@ -1,0 +1,86 @@
+"""Where a training run's first weights come from (the `init` config section).
+
+    random       fresh weights (tests, demos)
+    dream        a Hugging Face Dream folder with a smaller vocabulary (Dream-v0-Base-7B: 152064 rows), the
+                 embedding and the untied lm_head grown to the config's vocabulary as transformers'
+                 `resize_token_embeddings(pad_to_multiple_of=8, mean_resizing=False)` does: old rows kept, new
+                 rows ~ N(0, 0.02) (stage 1)
+    omni         a reference Omni-Diffusion folder, loaded as is (the shipped fine-tune recipe)
+    checkpoint   the latest parameters of another training run's folder (stages 2 and 3)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from omnidiff_jax.convert.dream import dream_keymap
+from omnidiff_jax.convert.keymap import flatten, unflatten
+from omnidiff_jax.convert.sources import CheckpointError, open_source
+from omnidiff_jax.model import abstract_params, load_model
+from omnidiff_jax.models.dream import Dream, DreamConfig
+
+INIT_KINDS = ("random", "dream", "omni", "checkpoint")
+
+
+def resize_vocab(params: dict, vocab_size: int, key: jax.Array, std: float = 0.02,
+                 pad_to_multiple_of: int = 8) -> dict:
+    """Grows `embed_tokens/embedding` [V, H] and `lm_head/kernel` [H, V] to `vocab_size` rows (rounded up to
+    `pad_to_multiple_of`): existing rows are kept, new ones drawn from N(0, std) in float32."""
+    embed, head = params["embed_tokens"]["embedding"], params["lm_head"]["kernel"]
+    old, hidden = embed.shape
+    new = math.ceil(vocab_size / pad_to_multiple_of) * pad_to_multiple_of
+    if new < old:
+        raise ValueError(f"cannot shrink the vocabulary from {old} to {new} rows")
+    k_embed, k_head = jax.random.split(key)
+    grow_embed = std * jax.random.normal(k_embed, (new - old, hidden), jnp.float32)
+    grow_head = std * jax.random.normal(k_head, (new - old, hidden), jnp.float32).T
+    return {**params,
+            "embed_tokens": {"embedding": jnp.concatenate([embed, grow_embed.astype(embed.dtype)])},
+            "lm_head": {"kernel": jnp.concatenate([head, grow_head.astype(head.dtype)], axis=1)}}
+
+
+def load_dream_resized(path: str | Path, cfg: DreamConfig, key: jax.Array) -> dict:
+    """A Hugging Face Dream folder whose shape matches `cfg` except for a smaller vocabulary, resized to it."""
+    config_path = Path(path) / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{path}: not a Dream checkpoint (no config.json)")
+    raw = json.loads(config_path.read_text())
+    fields = {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+              "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+              "intermediate_size": cfg.intermediate_size}
+    wrong = [f"{k} {raw.get(k)} (config has {v})" for k, v in fields.items() if raw.get(k) != v]
+    if wrong:
+        raise CheckpointError(f"{config_path}: shape does not match the training config: {', '.join(wrong)}")
+    base = cfg.replace(vocab_size=int(raw["vocab_size"]))
+    target = flatten(nn.meta.unbox(abstract_params(base)))
+    params = unflatten(dream_keymap(base).load(open_source(path), target, dtype=np.float32))
+    return resize_vocab(params, cfg.vocab_size, key)
+
+
+def initial_params(cfg: ml_collections.ConfigDict, model_cfg: DreamConfig) -> dict:
+    """The trainable parameter tree {"dream": ...} a run starts from, per `cfg.init` (kind, path, seed)."""
+    kind, key = cfg.init.kind, jax.random.key(cfg.init.seed)
+    if kind not in INIT_KINDS:
+        raise ValueError(f"init.kind must be one of {INIT_KINDS}, got {kind!r}")
+    if kind == "random":
+        ids = jnp.zeros((1, 8), jnp.int32)
+        return {"dream": jax.jit(lambda k: nn.meta.unbox(Dream(model_cfg).init(k, ids)["params"]))(key)}
+    if kind == "dream":
+        return {"dream": load_dream_resized(cfg.init.path, model_cfg, key)}
+    if kind == "omni":
+        model = load_model(cfg.init.path, dtype=model_cfg.param_dtype)
+        if model.config.replace(dtype=model_cfg.dtype, remat_policy=model_cfg.remat_policy,
+                                attention_impl=model_cfg.attention_impl) != model_cfg:
+            raise CheckpointError(f"{cfg.init.path}: model {model.config} does not match the training config")
+        return {"dream": model.params}
+    from omnidiff_jax.train.trainer import load_run_params  # a previous stage's run folder
+
+    return load_run_params(cfg.init.path)

@@ -1,0 +1,366 @@
+"""The training loop: a sharded, jitted train step with gradient accumulation, orbax checkpoints that survive a
+kill, and metrics (loss, per-task loss, lr, grad norm, tokens/s, MFU) to stdout and a JSONL file.
+
+One step consumes `grad_accum` micro-batches of `micro_batch` packs each (the reference: 8 devices x 1 pack,
+16 accumulation steps = 128 packs per update):
+
+    for each micro-batch m:  g_m = grad of mean over packs of (the pack's token-mean CE)   fp32 accumulators
+    g = mean_m g_m           (accumulate="sum" gives the reference's sum, 16x the mean)
+    params <- AdamW(clip(freeze_pad_row(g)))                                              see optim.py
+
+Parameters are fp32 masters (`model.param_dtype`); compute runs in `model.dtype`. Parameters and optimizer state
+are laid out on the (data, fsdp, tensor) mesh by the logical rules of `omnidiff_jax.sharding`, packs are split
+over data x fsdp. A checkpoint holds the step, parameters, optimizer state, the step RNG and every process's
+data-iterator position; orbax writes it asynchronously into a temporary folder renamed when complete, so after a
+`kill -9` the run restarts from the last complete one and continues exactly as if uninterrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from omnidiff_jax import sharding
+from omnidiff_jax.config import dream_config, token_layout
+from omnidiff_jax.model import abstract_params
+from omnidiff_jax.models.dream import Dream, DreamConfig
+from omnidiff_jax.train import data
+from omnidiff_jax.train.loss import SpeechEncoder, batch_loss
+from omnidiff_jax.train.optim import frozen_norm, make_optimizer
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per chip, for MFU (by jax device_kind prefix).
+PEAK_FLOPS = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12, "TPU v4": 275e12,
+              "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+HOST_KEYS = ("task",)  # pack fields used for logging only
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step updates: update count, fp32 parameters, optimizer state, RNG key data (uint32)."""
+
+    step: jax.Array
+    params: dict
+    opt_state: Any
+    rng: jax.Array
+
+
+def flops_per_token(cfg: DreamConfig, seq_len: int) -> float:
+    """Training FLOPs per token slot (forward + backward, no remat): 6 x matmul parameters (lm_head included,
+    the embedding gather not) + 12 x layers x seq_len x hidden for full bidirectional attention."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    per_layer = cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size
+    dense = cfg.num_layers * per_layer + cfg.hidden_size * cfg.vocab_size
+    return 6.0 * dense + 12.0 * cfg.num_layers * seq_len * q
+
+
+def peak_flops(configured: float) -> float | None:
+    """Peak FLOP/s of one device: `train.peak_tflops` if set, else the table above (None when unknown)."""
+    if configured:
+        return configured * 1e12
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
+
+
+class Trainer:
+    """Trains the Dream LLM per a training config (see configs/train_tiny.py for every field)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, speech: SpeechEncoder | None = None, mesh=None):
+        """speech: the speech encoder for user speech (default: built from `speech.path` when data.max_audios
+        > 0); mesh: default `sharding.make_mesh(**cfg.mesh)` over all devices."""
+        self.cfg = cfg
+        self.layout = token_layout(cfg)
+        self.model_cfg = dream_config(cfg)
+        self.module = Dream(self.model_cfg)
+        self.mesh = mesh or sharding.make_mesh(**cfg.mesh.to_dict())
+        self.tx, self.schedule = make_optimizer(cfg.optim, self.layout.pad)
+        if speech is None and cfg.data.max_audios:
+            speech = speech_encoder_from_config(cfg)
+        self.speech = speech
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.frozen = jax.device_put(speech.frozen, replicated) if speech else {}
+        self.tasks = sorted({src.task for src in cfg.data.sources.values()})
+        t = cfg.train
+        if t.accumulate not in ("mean", "sum"):
+            raise ValueError(f"train.accumulate must be 'mean' or 'sum', got {t.accumulate!r}")
+        split = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if t.micro_batch % split or t.micro_batch % jax.process_count():
+            raise ValueError(f"train.micro_batch {t.micro_batch} must be a multiple of the data x fsdp mesh size "
+                             f"{split} and of the process count {jax.process_count()}")
+        self.workdir = Path(t.workdir)
+        self.state_shardings = self._state_shardings()
+        self.step_fn = jax.jit(self._step, donate_argnums=0, out_shardings=(self.state_shardings, replicated))
+
+    # ------------------------------------------------------------------ state
+    def abstract_state(self) -> TrainState:
+        params = {"dream": nn.meta.unbox(abstract_params(self.model_cfg))}
+        if self.speech is not None:
+            dtype = self.model_cfg.param_dtype  # init_state casts every trainable tree to it
+            params.update(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), self.speech.params))
+        return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                          opt_state=jax.eval_shape(self.tx.init, params),
+                          rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+
+    def _state_shardings(self) -> TrainState:
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        abstract = self.abstract_state()
+        params = jax.tree.map(lambda _: replicated, abstract.params)
+        params["dream"] = sharding.param_shardings(abstract_params(self.model_cfg), self.mesh)
+        opt = optax.tree_map_params(self.tx, lambda _, s: s, abstract.opt_state, params,
+                                    transform_non_params=lambda _: replicated)
+        return TrainState(step=replicated, params=params, opt_state=opt, rng=replicated)
+
+    def init_state(self, params: dict) -> TrainState:
+        """A fresh state (step 0) around `params`, laid out on the mesh."""
+        if self.speech is not None:
+            params = {**self.speech.params, **params}
+
+        def init(params):
+            params = jax.tree.map(lambda p: p.astype(self.model_cfg.param_dtype), params)
+            rng = jax.random.key_data(jax.random.key(self.cfg.train.seed)).astype(jnp.uint32)
+            return TrainState(jnp.int32(0), params, self.tx.init(params), rng)
+
+        return jax.jit(init, out_shardings=self.state_shardings)(params)
+
+    # ------------------------------------------------------------------ step
+    def _step(self, state: TrainState, batch: dict, frozen: dict) -> tuple[TrainState, dict]:
+        cfg = self.cfg
+        accum = batch["input_ids"].shape[0]
+        rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+
+        def loss_fn(params, micro, key):
+            with sharding.activate(self.mesh):
+                return batch_loss(self.module, params, micro, cfg.train.objective, self.speech, frozen, key)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def micro_step(acc, xs):
+            (loss, aux), grads = grad_fn(state.params, *xs)
+            return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads), (loss, aux)
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        grads, (losses, aux) = jax.lax.scan(micro_step, zeros, (batch, jax.random.split(step_rng, accum)))
+        if cfg.train.accumulate == "mean":
+            grads = jax.tree.map(lambda g: g / accum, grads)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": losses.mean(), "lr": self.schedule(state.step),
+                   "grad_norm": frozen_norm(grads, self.layout.pad, cfg.optim.freeze_pad_row), **aux}
+        new = TrainState(state.step + 1, params, opt_state, jax.random.key_data(rng).astype(jnp.uint32))
+        return new, metrics
+
+    def device_batch(self, packs: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Host packs [accum * local batch, ...] -> global arrays [accum, micro_batch, ...] split on axis 1."""
+        accum, micro = self.cfg.train.grad_accum, self.cfg.train.micro_batch
+        out = {}
+        for key, value in packs.items():
+            if key in HOST_KEYS:
+                continue
+            local = value.reshape(accum, -1, *value.shape[1:])
+            spec = PartitionSpec(None, ("data", "fsdp"), *([None] * (local.ndim - 2)))
+            out[key] = jax.make_array_from_process_local_data(
+                NamedSharding(self.mesh, spec), local, (accum, micro, *value.shape[1:]))
+        return out
+
+    # ------------------------------------------------------------------ data
+    def data_iterator(self) -> data.PackIterator:
+        d = self.cfg.data
+        sources = []
+        for name, src in sorted(d.sources.items()):
+            sources.append(data.Source(name, data.open_source(Path(d.root) / src.path), src.ratio,
+                                       src.num if src.num > 0 else None, self.tasks.index(src.task)))
+        spec = data.PackSpec(d.seq_len, self.layout.pad, d.max_audios, d.max_audio_frames)
+        corruption = data.Corruption(self.layout.mask, self.layout.eos, d.tail_max, d.mask_eps, d.special_ratio)
+        return data.pack_iterator(sources, spec, corruption, d.seed, jax.process_index(), jax.process_count())
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_manager(self) -> ocp.CheckpointManager:
+        t = self.cfg.train
+        options = ocp.CheckpointManagerOptions(max_to_keep=t.keep_checkpoints, enable_async_checkpointing=True,
+                                               create=True)
+        return ocp.CheckpointManager((self.workdir / "checkpoints").absolute(), options=options)
+
+    def save(self, manager: ocp.CheckpointManager, state: TrainState, iterator: data.PackIterator) -> None:
+        snapshot = _Snapshot(iterator.get_state())  # taken now: the iterator moves on while orbax writes
+        manager.save(int(state.step), args=ocp.args.Composite(
+            state=ocp.args.PyTreeSave(state), data=grain.checkpoint.CheckpointSave(snapshot)))
+
+    def restore(self, manager: ocp.CheckpointManager, step: int, iterator: data.PackIterator) -> TrainState:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              self.abstract_state(), self.state_shardings)
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target)),
+            data=grain.checkpoint.CheckpointRestore(iterator)))
+        return restored["state"]
+
+    # ------------------------------------------------------------------ loop
+    def run(self, initial_params=None, progress: bool = True) -> TrainState:
+        """Trains to `train.steps`, resuming from the workdir's latest checkpoint if there is one.
+
+        `initial_params` ({"dream": ...}) is used only on a fresh start; by default `cfg.init` decides."""
+        from omnidiff_jax.train.init import initial_params as default_params
+
+        t = self.cfg.train
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        _write_config(self.workdir / "config.json", self.cfg)
+        iterator = self.data_iterator()
+        manager = self.checkpoint_manager()
+        latest = manager.latest_step()
+        if latest is None:
+            params = initial_params if initial_params is not None else default_params(self.cfg, self.model_cfg)
+            state = self.init_state(params)
+        else:
+            state = self.restore(manager, latest, iterator)
+            log.info("resumed from step %d", latest)
+        start = int(state.step)
+        metrics_log = MetricsLog(self.workdir / "metrics.jsonl", start)
+        slots = t.grad_accum * t.micro_batch * self.cfg.data.seq_len
+        step_flops = flops_per_token(self.model_cfg, self.cfg.data.seq_len) * slots
+        peak = peak_flops(t.peak_tflops)
+        local = t.grad_accum * t.micro_batch // jax.process_count()
+        bar = tqdm(total=t.steps, initial=start, desc="train", disable=not progress or jax.process_index() > 0)
+        for step in range(start, t.steps):
+            packs = data.next_packs(iterator, local)
+            began = time.perf_counter()
+            state, metrics = self.step_fn(state, self.device_batch(packs), self.frozen)
+            metrics = jax.device_get(metrics)
+            seconds = time.perf_counter() - began
+            record = self._record(step + 1, metrics, packs, seconds, step_flops, peak, iterator)
+            if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+                metrics_log.write(record)
+                bar.write(" ".join(f"{k}={_short(v)}" for k, v in record.items() if not isinstance(v, dict)))
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            bar.update()
+            if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
+                self.save(manager, state, iterator)
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
+        return state
+
+    def _record(self, step, metrics, packs, seconds, step_flops, peak, iterator) -> dict:
+        losses = np.asarray(metrics["pack_loss"]).reshape(-1)
+        tasks = packs["task"].reshape(-1)
+        per_task = {self.tasks[k]: float(losses[tasks == k].mean()) for k in np.unique(tasks)}
+        record = {"step": step, "loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
+                  "grad_norm": float(metrics["grad_norm"]), "task_loss": per_task,
+                  "tokens_per_s": packs["input_ids"].size * jax.process_count() / seconds,
+                  "valid_tokens": int(packs["valid"].sum()) * jax.process_count(),
+                  "supervised_tokens": int(np.asarray(metrics["pack_tokens"]).sum()),
+                  "step_s": seconds, "dropped": dict(iterator.dropped)}
+        if peak:
+            record["mfu"] = step_flops / seconds / (peak * jax.device_count())
+        return record
+
+
+def speech_encoder(speech, max_audios: int, max_frames: int) -> SpeechEncoder:
+    """Wraps a `speech_in.SpeechInput` (SenseVoice + projector weights): the encoder stays frozen (and runs
+    deterministically: the reference's dropout 0.1 in the frozen encoder is not reproduced), the projector
+    trains as `params["audio_projection"]`."""
+    from omnidiff_jax.speech_in import encode
+
+    def embed(params, frozen, feats, lengths, rng):
+        del rng
+        weights = {"encoder": frozen["encoder"], "projector": params["audio_projection"]}
+        return encode(weights, feats, lengths, speech.encoder, speech.projector)[0]
+
+    return SpeechEncoder(embed, {"audio_projection": speech.params["projector"]},
+                         {"encoder": speech.params["encoder"]}, max_audios, max_frames)
+
+
+def speech_encoder_from_config(cfg: ml_collections.ConfigDict) -> SpeechEncoder:
+    """The speech encoder of `speech.path`: an Omni-Diffusion checkpoint (encoder and projector), or a standalone
+    SenseVoiceSmall (folder or model.pt beside am.mvn) with a fresh projector (Linear N(0, 0.02), LayerNorm 1/0,
+    as the reference initialises a missing one). A projector in the run's initial parameters replaces either."""
+    if not cfg.speech.path:
+        raise ValueError(f"data.max_audios is {cfg.data.max_audios}: user speech needs speech.path, a checkpoint "
+                         "with the SenseVoice encoder (an Omni-Diffusion folder or SenseVoiceSmall's model.pt)")
+    from omnidiff_jax.convert.sensevoice import load_sensevoice_small
+    from omnidiff_jax.models import projector
+    from omnidiff_jax.models.sensevoice import SenseVoiceConfig
+    from omnidiff_jax.speech_in import SpeechInput, load_speech_input
+
+    path = Path(cfg.speech.path)
+    if path.suffix == ".pt" or (path / "model.pt").exists():
+        encoder, cmvn = load_sensevoice_small(path)
+        proj_cfg = projector.ProjectorConfig.omni_diffusion(hidden_size=cfg.model.hidden_size)
+        params = {"encoder": encoder, "projector": projector.init_params(proj_cfg, cfg.init.seed)}
+        speech = SpeechInput(SenseVoiceConfig.small(), proj_cfg, params, cmvn)
+    else:
+        speech = load_speech_input(path)
+    return speech_encoder(speech, cfg.data.max_audios, cfg.data.max_audio_frames)
+
+
+class _Snapshot:
+    """A frozen data-iterator state in the form grain's checkpoint handler accepts (JSON bytes)."""
+
+    def __init__(self, state: dict):
+        self.state = json.dumps(state).encode()
+
+    def get_state(self) -> bytes:
+        return self.state
+
+
+class MetricsLog:
+    """Appends one JSON line per logged step; on resume, drops lines past the restored step first."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+
+    def write(self, record: dict) -> None:
+        if jax.process_index() == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _write_config(path: Path, cfg: ml_collections.ConfigDict) -> None:
+    if jax.process_index() == 0:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(cfg.to_json(indent=2))
+        os.replace(tmp, path)
+
+
+def load_run_params(workdir: str | os.PathLike, step: int | None = None) -> dict:
+    """The trainable parameters ({"dream": ...}, NumPy) of a run folder's latest (or given) complete checkpoint,
+    e.g. to start the next stage or to export with the converter. Reads only the parameters."""
+    folder = (Path(workdir) / "checkpoints").absolute()
+    manager = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(read_only=True),
+                                    item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                                   "data": grain.checkpoint.CheckpointHandler()})
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{workdir}: no complete checkpoint under {folder}")
+    saved = manager.item_metadata(step)["state"]
+    saved = saved.tree if hasattr(saved, "tree") else saved
+    target = {"params": jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), saved["params"])}
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(target, as_numpy, partial_restore=True)))
+    manager.close()
+    return restored["state"]["params"]
