@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
 import os
 import re
 import time
@@ -38,14 +37,13 @@ from omnidiff_jax.model import OmniModel, abstract_params, param_shardings
 from omnidiff_jax.models.dream import DreamConfig
 from omnidiff_jax.vocab import TokenLayout
 
-log = logging.getLogger(__name__)
-
+LLM_GROUP = "dream"  # the parameter group an `OmniModel` holds
 MAX_SHARD_BYTES = 5 * 10**9
 INDEX_FILE = "model.safetensors.index.json"
 # Files of a Hugging Face folder that travel with the weights: configs, tokenizer, remote code.
 HF_FILE_PATTERNS = ("*.json", "*.py", "*.txt", "*.model", "*.tiktoken", "*.jinja")
 _BATCH_BYTES = 256 << 20  # small leaves are handed to orbax together, up to this size
-_OVERLAP_BYTES = 1 << 30  # the next leaf is built while earlier ones are written, within this many bytes
+_OVERLAP_BYTES = 1 << 30  # the next leaf is built while the last batch is written, within this many bytes
 _COPY_THREADS = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
 
 # progress(total tensors, total bytes) is called once and returns on_tensor(key, nbytes), called per tensor.
@@ -64,7 +62,7 @@ class ParamGroup:
 
 def param_groups(cfg: DreamConfig) -> list[ParamGroup]:
     """The model's parameter groups, in claiming order."""
-    return [ParamGroup("dream", dream_keymap(cfg), flatten(nn.meta.unbox(abstract_params(cfg))))]
+    return [ParamGroup(LLM_GROUP, dream_keymap(cfg), flatten(nn.meta.unbox(abstract_params(cfg))))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,14 +119,14 @@ def import_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: str
             for path, entry in plan.entries.items():
                 shape, leaf_dtype = group.target[path].shape, dtypes_by_leaf[group.name, path]
                 if in_flight + _nbytes(shape, leaf_dtype) > _OVERLAP_BYTES:
-                    ckpt.wait()  # bounds the memory held by background writes
+                    ckpt.wait()  # bounds the memory held by the background save
                     in_flight = 0
                 leaf = _build_leaf(source, entry, shape, leaf_dtype, on_tensor)
                 batch[f"{group.name}/{path}"] = leaf
                 batch_bytes += leaf.nbytes
                 if batch_bytes >= _BATCH_BYTES:
                     ckpt.add_params(unflatten(batch))
-                    batch, batch_bytes, in_flight = {}, 0, in_flight + batch_bytes
+                    batch, batch_bytes, in_flight = {}, 0, batch_bytes
         if batch:
             ckpt.add_params(unflatten(batch))
         for file in hf_files(folder):
@@ -262,7 +260,7 @@ def load_orbax_model(path: str | os.PathLike, dtype: str | None = None, mesh: ja
     if dtype is not None:
         overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
     cfg = cfg.replace(**overrides)
-    (group,) = param_groups(cfg)
+    group = next(g for g in param_groups(cfg) if g.name == LLM_GROUP)
     shardings = flatten(param_shardings(cfg, mesh)) if mesh is not None else {}
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {f"{group.name}/{p}": jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=shardings.get(p, device))
@@ -297,7 +295,7 @@ def export_checkpoint(src: str | os.PathLike | OmniModel, dst: str | os.PathLike
     dst = Path(dst)
     if isinstance(src, OmniModel):
         cfg, layout, files = src.config, src.layout, Path(src.tokenizer_path) if src.tokenizer_path else None
-        leaves = {f"dream/{p}": v for p, v in flatten(src.params).items()}
+        leaves = {f"{LLM_GROUP}/{p}": v for p, v in flatten(src.params).items()}
         stored = {p: jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in leaves.items()}
         fetch = leaves.__getitem__
     else:

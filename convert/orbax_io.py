@@ -93,23 +93,26 @@ class CheckpointWriter:
     def __init__(self, folder: Path):
         self.folder = folder
         self.meta: dict = {}
-        self._pending: list[ocp.AsyncResponse] = []
+        self._pending: ocp.AsyncResponse | None = None
         (folder / FILES_DIR).mkdir()
 
     def add_params(self, tree: Mapping) -> None:
-        """Starts saving a tree of NumPy arrays (a part of the full tree; no leaf may be saved twice) in the
-        background; the arrays must stay unchanged until `wait` returns. Saves run one after another."""
+        """Saves a tree of NumPy arrays (a part of the full tree; no leaf may be saved twice) in the background,
+        once the previous save is done (orbax partial saves must not overlap). The arrays must stay unchanged
+        until the next `add_params` or `wait` returns."""
+        self.wait()
         with _context():
-            self._pending.append(ocp.partial.save_async(self.folder / PARAMS_DIR, tree))
+            self._pending = ocp.partial.save_async(self.folder / PARAMS_DIR, tree)
 
     def add_file(self, path: Path) -> None:
         """Copies a non-weight file (tokenizer, generation config, ...) into the folder's `hf/`."""
         shutil.copy2(path, self.folder / FILES_DIR / path.name)
 
     def wait(self) -> None:
-        """Waits until every parameter save started so far is on disk."""
-        while self._pending:
-            self._pending.pop(0).result()
+        """Waits until the parameters saved so far are on disk."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
 
     def _finish(self) -> None:
         self.wait()

@@ -305,3 +305,12 @@ def test_cli(f32, tmp_path, capsys):
     assert main(["convert", "export", str(tmp_path / "ox"), str(tmp_path / "hf")]) == 0
     assert "exported" in capsys.readouterr().out
     assert jax.tree.leaves(load_model(tmp_path / "hf").params)[0].dtype == ml_dtypes.bfloat16
+
+
+def test_leaf_by_leaf_saves_in_the_background(f32, tmp_path, monkeypatch):
+    """Every leaf its own background save (as for a 7B model): the saves must not trip over each other."""
+    monkeypatch.setattr("omnidiff_jax.convert.omni._BATCH_BYTES", 1)
+    import_checkpoint(f32[0], tmp_path / "ox")
+    single = flatten(load_orbax_model(f32[1]).params)
+    for path, leaf in flatten(load_orbax_model(tmp_path / "ox").params).items():
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(single[path]), err_msg=path)
