@@ -3,7 +3,7 @@
 shared/spec/model.md §2-§4. The user-side audio of ASR, speech-to-image and spoken VQA enters Dream as continuous
 embeddings rather than tokens:
 
-    wave   = load_wave(path)                                16 kHz mono float in [-1, 1], windowed-sinc resampling
+    wave   = load_wave(path)                                16 kHz mono float in [-1, 1] (audio_io.load_audio)
     feats  = fbank.wave_features(waves)                     [N, T_lfr, 560], T_lfr ≈ 16.7 per second
     embeds = projector(sensevoice(feats))                   [N, T_lfr + 4, H]: 4 prompt rows, then the frames
     ids, positions = expand_audio_placeholders(ids, T_lfr)  <|audio|> -> <|begin_of_audio|>
@@ -13,17 +13,12 @@ embeddings rather than tokens:
 `SpeechInput` holds the weights and runs the first three steps (`__call__`); `encode` is the pure function a
 jitted trainer step can call; `expand_audio_placeholders` and `scatter_audio` are shared by the sampler and
 the trainer. Placeholder positions are padded with -1 (nothing written) so they batch with static shapes.
-
-Resampling uses the reference's own filter (torchaudio `Resample` defaults, written here in NumPy) rather than
-audio_io's soxr: on the 24 kHz assets soxr is within 51 dB SNR of it, but its different band edge shifts the top
-mel bins (above ~7 kHz) by up to ~0.6 nats on average from the features the LLM was trained on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 from typing import Sequence
 
@@ -46,42 +41,13 @@ AUDIO_PROMPT_TOKENS = 4  # SenseVoice's language, event, emotion and text-norm r
 FRAME_BUCKET = 32  # LFR frames (~1.9 s): clips are padded to a multiple so jit compiles once per bucket
 
 
-@functools.lru_cache(maxsize=16)
-def _sinc_kernel(orig: int, new: int) -> tuple[np.ndarray, int]:
-    """Polyphase Hann-windowed sinc filters [new, 2·pad + orig] for rates reduced by their gcd, and pad."""
-    width, rolloff = 6, 0.99  # torchaudio's defaults
-    base = min(orig, new) * rolloff  # the lower rate x rolloff: the filter passes up to half of it
-    pad = math.ceil(width * orig / base)
-    t = (np.arange(-pad, pad + orig)[None, :] / orig - np.arange(new)[:, None] / new) * base
-    t = np.clip(t, -width, width)
-    window = np.cos(t * np.pi / width / 2) ** 2
-    return np.sinc(t) * window * (base / orig), pad
-
-
-def resample(wave: np.ndarray, sr: int, target_sr: int = fbank.SAMPLE_RATE) -> np.ndarray:
-    """The reference's resampler (torchaudio `Resample` defaults: sinc_interp_hann, width 6, rolloff 0.99).
-
-    A band-limited polyphase windowed-sinc filter with zero padding at both ends; output length
-    ceil(N · target / sr). Float32 mono in, float32 out.
-    """
-    if sr == target_sr:
-        return wave.astype(np.float32, copy=False)
-    g = math.gcd(sr, target_sr)
-    orig, new = sr // g, target_sr // g
-    kernel, pad = _sinc_kernel(orig, new)
-    x = np.pad(wave.astype(np.float64), (pad, pad + orig))
-    frames = np.lib.stride_tricks.sliding_window_view(x, kernel.shape[1])[::orig]  # [F, 2·pad + orig]
-    out = (frames @ kernel.T).reshape(-1)  # phase-interleaved: [F · new]
-    return out[:math.ceil(new * wave.size / orig)].astype(np.float32)
-
-
 def load_wave(path: str | os.PathLike) -> np.ndarray:
-    """Reads an audio file as 16 kHz mono float32 in [-1, 1] (channels averaged, the reference's resampler).
+    """Reads an audio file as 16 kHz mono float32 in [-1, 1] (channels averaged, the reference's resampler),
+    at least one 25 ms fbank frame long.
 
     Raises AudioError for unreadable, empty or non-finite audio, or audio shorter than one 25 ms frame.
     """
-    wave, sr = load_audio(path, target_sr=None)
-    wave = resample(wave, sr)
+    wave, _ = load_audio(path, target_sr=fbank.SAMPLE_RATE)
     if wave.size < fbank.FRAME_LENGTH:
         raise AudioError(f"{path}: {wave.size} samples at 16 kHz ({1000 * wave.size / fbank.SAMPLE_RATE:.1f} ms) "
                          f"is shorter than one 25 ms frame")
