@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -37,6 +38,7 @@ class OmniModel:
     params: dict
     mesh: Mesh | None = None
     tokenizer_path: str | None = None  # folder with the checkpoint's tokenizer files, if any
+    speech: Any = None  # `speech_in.SpeechInput` (SenseVoice encoder + projector) when the checkpoint has one
 
     @property
     def module(self) -> Dream:
@@ -137,7 +139,7 @@ def load_model(path: str | Path, dtype: str | None = None, mesh: Mesh | None = N
     DreamConfig fields such as remat_policy or attention_impl.
     """
     path = Path(path)
-    cfg, layout, _ = read_hf_config(path)
+    cfg, layout, raw = read_hf_config(path)
     if dtype is not None:
         overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
     cfg = cfg.replace(**overrides)
@@ -146,7 +148,31 @@ def load_model(path: str | Path, dtype: str | None = None, mesh: Mesh | None = N
     shardings = None if mesh is None else flatten(param_shardings(cfg, mesh))
     params = dream_keymap(cfg).load(source, target, dtype=cfg.param_dtype, shardings=shardings)
     tokenizer = str(path) if (path / "tokenizer_config.json").exists() else None
-    return OmniModel(cfg, layout, params, mesh, tokenizer)
+    speech = None
+    if any(k.startswith(SPEECH_PREFIX) for k in source):
+        speech = load_speech(source, raw, cfg)
+    return OmniModel(cfg, layout, params, mesh, tokenizer, speech)
+
+
+SPEECH_PREFIX = "model.audio_model."
+
+
+def load_speech(source, raw_config: dict, cfg: DreamConfig):
+    """The speech-input encoder + projector of a reference checkpoint, in the LLM's parameter dtype.
+
+    The encoder's shape is SenseVoiceSmall's unless config.json carries an `omnidiff_speech` field (tiny test
+    checkpoints record their encoder there)."""
+    from omnidiff_jax.models.projector import ProjectorConfig
+    from omnidiff_jax.models.sensevoice import SenseVoiceConfig
+    from omnidiff_jax.speech_in import load_speech_input
+
+    fields = dict(raw_config.get("omnidiff_speech", {}))
+    if "prompt_rows" in fields:
+        fields["prompt_rows"] = tuple(fields["prompt_rows"])
+    dtype = "float32" if cfg.param_dtype == "float32" else "bfloat16"
+    encoder = SenseVoiceConfig(**{**fields, "dtype": dtype, "param_dtype": dtype})
+    projector = ProjectorConfig(encoder.output_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype)
+    return load_speech_input(source, encoder, projector)
 
 
 __all__ = ["OmniModel", "init_model", "load_model", "abstract_params", "param_shardings", "unflatten"]
