@@ -8,9 +8,11 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from test_train_data import LAYOUT, SIZES, TEXT, TOKENIZERS, write_tiny_dataset
@@ -200,12 +202,12 @@ def test_kill_and_resume_is_bit_identical(setup, tmp_path):
     args = ["--config", "configs/train_tiny.py", f"--config.data.root={cfg.data.root}",
             f"--config.train.steps={STEPS}", "--config.train.accumulate=sum", "--config.train.micro_batch=4",
             f"--config.optim.lr={LR}", "--config.optim.warmup_ratio=0.02", "--config.train.log_every=1",
-            "--config.train.checkpoint_every=10", "--config.train.keep_checkpoints=2"]
+            "--config.train.keep_checkpoints=2"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DEFAULT_MATMUL_PRECISION": "highest",
            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     workdir = tmp_path / "run"
-    first = cli(args, workdir, env)
+    first = cli(args + ["--config.train.checkpoint_every=10"], workdir, env)
     deadline = time.time() + 240
     while not list((workdir / "checkpoints").glob("[0-9]*")) and first.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -213,7 +215,7 @@ def test_kill_and_resume_is_bit_identical(setup, tmp_path):
     assert first.wait() == -signal.SIGKILL, first.stdout.read()
     killed_at = max(json.loads(line)["step"] for line in open(workdir / "metrics.jsonl"))
     assert killed_at < STEPS
-    second = cli(args, workdir, env)
+    second = cli(args + ["--config.train.checkpoint_every=100"], workdir, env)  # saving does not change the math
     out, _ = second.communicate(timeout=300)
     assert second.returncode == 0, out
     want = [json.loads(line) for line in open(f"{cfg.train.workdir}/metrics.jsonl")]
@@ -223,3 +225,109 @@ def test_kill_and_resume_is_bit_identical(setup, tmp_path):
     resumed, uninterrupted = load_run_params(workdir), load_run_params(cfg.train.workdir)
     for path, leaf in flatten(uninterrupted).items():
         np.testing.assert_array_equal(flatten(resumed)[path], leaf, err_msg=path)
+
+
+def test_speech_features_reach_the_embeddings():
+    """User speech in a pack: the encoder outputs land on the placeholders as the speech front end's own
+    `scatter_audio` puts them, and the projector (trainable) gets finite, non-zero gradients."""
+    from test_train_data import LAYOUTS, tokenize
+
+    from omnidiff_jax.models.dream import Dream
+    from omnidiff_jax.models.projector import ProjectorConfig
+    from omnidiff_jax.models.sensevoice import SenseVoiceConfig
+    from omnidiff_jax.speech_in import SpeechInput, encode, init_speech_input, scatter_audio
+    from omnidiff_jax.train.trainer import speech_encoder
+
+    speech = SpeechInput(SenseVoiceConfig.tiny(), ProjectorConfig.tiny(),
+                         jax.jit(lambda: init_speech_input().params)())  # jitted: eager init is slow
+    encoder = speech_encoder(speech, max_audios=4, max_frames=8)
+    corruption = data.Corruption(LAYOUT.mask, LAYOUT.eos)
+    rng = np.random.default_rng(0)
+    samples = [corruption(tokenize(LAYOUTS[t]), rng) for t in ("asr", "s2i")]
+    batch = {k: jnp.asarray(v)[None] for k, v in data.PackSpec(256, LAYOUT.pad, 4, 8).pack(samples, 0).items()
+             if k != "task"}
+    frames = [s["audio_frames"] for s in samples]
+    feats = np.zeros((2, 8, data.FEATURE_DIM), np.float32)
+    positions = np.full((2, 7), -1)
+    offsets = [0, len(samples[0]["input_ids"])]
+    for k, (s, off) in enumerate(zip(samples, offsets)):
+        feats[k, :len(frames[k])] = frames[k]
+        positions[k, :len(frames[k]) + 4] = off + s["audio_starts"][0] + np.arange(len(frames[k]) + 4)
+    dream = Dream(dream_config(get_config("tiny")))
+    init_dream = lambda k: nn.meta.unbox(dream.init(k, jnp.zeros((1, 8), jnp.int32))["params"])  # noqa: E731
+    params = {"dream": jax.jit(init_dream)(jax.random.key(0)), **encoder.params}
+
+    def total(p):
+        embeds = loss.embed_inputs(dream, p, batch, encoder, encoder.frozen)
+        weights = {"encoder": encoder.frozen["encoder"], "projector": p["audio_projection"]}
+        clips = encode(weights, feats, np.array([len(f) for f in frames]), speech.encoder, speech.projector)[0]
+        tokens = dream.apply({"params": p["dream"]}, batch["input_ids"], method=Dream.embed)
+        return embeds.sum(), (embeds, scatter_audio(tokens, clips, positions), tokens)
+
+    (_, (got, want, tokens)), grads = jax.jit(jax.value_and_grad(total, has_aux=True))(params)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, tokens)
+    for g in jax.tree.leaves(grads["audio_projection"]):
+        assert np.isfinite(g).all() and np.abs(g).max() > 0
+
+
+SHARDED = r"""
+import json, sys
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+jax.config.update("jax_default_matmul_precision", "highest")
+from omnidiff_jax.config import dream_config
+from omnidiff_jax.convert.keymap import flatten
+from omnidiff_jax.sharding import make_mesh
+from omnidiff_jax.train import data
+from omnidiff_jax.train.init import initial_params
+from omnidiff_jax.train.trainer import Trainer
+
+cfg = ml_collections.ConfigDict(json.loads(open(sys.argv[1]).read()))
+trainer = Trainer(cfg, mesh=make_mesh(2, 2, 2))
+state = trainer.init_state(initial_params(cfg, dream_config(cfg)))
+it, out = trainer.data_iterator(), {}
+for step in range(3):
+    batch = trainer.device_batch(data.next_packs(it, 8))
+    state, metrics = trainer.step_fn(state, batch, trainer.frozen)
+    out[f"loss{step}"] = np.asarray(metrics["loss"])
+    if step == 0:
+        out.update({"mu/" + k: v for k, v in flatten(jax.device_get(optax.tree.get(state.opt_state, "mu"))).items()})
+head = state.params["dream"]["lm_head"]["kernel"]
+assert jax.device_count() == 8 and head.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+assert head.addressable_shards[0].data.shape == (32, 192) and batch["labels"].sharding.spec[1] == ("data", "fsdp")
+out.update({"params/" + k: v for k, v in flatten(jax.device_get(state.params)).items()})
+np.savez(sys.argv[2], **out)
+"""
+
+
+def test_sharded_step_equals_single_device(setup, tmp_path):
+    """Three steps on 8 fake CPU devices (data 2 x fsdp 2 x tensor 2, in a subprocess) against the same steps
+    here on one device: losses, first moments and parameters agree to float32 reduction-order noise."""
+    trainer, cfg = setup["trainer"], setup["cfg"]
+    (tmp_path / "cfg.json").write_text(cfg.to_json())
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.Popen([sys.executable, "-c", SHARDED, str(tmp_path / "cfg.json"), str(tmp_path / "out.npz")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    initial = init.initial_params(cfg, trainer.model_cfg)
+    state, it = trainer.init_state(initial), trainer.data_iterator()
+    losses = []
+    for step in range(3):
+        state, metrics = trainer.step_fn(state, trainer.device_batch(data.next_packs(it, 8)), trainer.frozen)
+        losses.append(float(metrics["loss"]))
+        if step == 0:
+            mu = flatten(jax.device_get(optax.tree.get(state.opt_state, "mu")))
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    sharded = np.load(tmp_path / "out.npz")
+    np.testing.assert_allclose([sharded[f"loss{i}"] for i in range(3)], losses, rtol=1e-5)
+    for key, want in mu.items():
+        np.testing.assert_allclose(sharded["mu/" + key], want, rtol=1e-4, atol=1e-8, err_msg=key)
+    before = flatten(initial)
+    for key, want in flatten(jax.device_get(state.params)).items():
+        np.testing.assert_allclose(sharded["params/" + key], want, rtol=1e-5, atol=1e-6, err_msg=key)
+        assert not np.array_equal(want, before[key]), key  # every parameter moved
