@@ -7,9 +7,9 @@ largest leaf however big the model. `export_checkpoint(src, dst)` runs the same 
 orbax folder or an `OmniModel` in memory, into sharded safetensors (each at most 5 GB) with an index, a
 reference config.json and the tokenizer files; tensors come back bit for bit.
 
-The model's parameters come in groups, each with its own key map and the source keys it claims; today the
-Dream LLM claims every key (its key map drops the speech-input keys with a logged reason). A group for the
-speech encoder and projector slots in ahead of it in `param_groups`.
+The model's parameters come in groups, each with its own key map and the source keys it claims: the speech
+input (SenseVoice encoder + projector, `model.audio_*`, when the checkpoint has it) and the Dream LLM (the rest).
+Plans for all groups are checked before any data is read, and every problem is reported in one error.
 """
 
 from __future__ import annotations
@@ -31,13 +31,21 @@ import numpy as np
 from omnidiff_jax.convert import orbax_io
 from omnidiff_jax.convert.dream import dream_keymap, hf_config, read_hf_config
 from omnidiff_jax.convert.keymap import ConversionError, KeyMap, Plan, flatten, unflatten
+from omnidiff_jax.convert.sensevoice import speech_keymap
 from omnidiff_jax.convert.sources import (CheckpointError, Source, TensorRef, open_source, read_safetensors_header,
                                           write_safetensors)
 from omnidiff_jax.model import OmniModel, abstract_params, param_shardings
+from omnidiff_jax.models import projector as projector_lib
+from omnidiff_jax.models import sensevoice
 from omnidiff_jax.models.dream import DreamConfig
+from omnidiff_jax.models.projector import ProjectorConfig
+from omnidiff_jax.models.sensevoice import SenseVoiceConfig
+from omnidiff_jax.speech_in import SpeechInput
 from omnidiff_jax.vocab import TokenLayout
 
-LLM_GROUP = "dream"  # the parameter group an `OmniModel` holds
+LLM_GROUP = "dream"  # `OmniModel.params`
+SPEECH_GROUP = "speech"  # `OmniModel.speech.params`: {"encoder": ..., "projector": ...}
+SPEECH_KEYS = r"model\.audio_(model|projection)\..*"
 MAX_SHARD_BYTES = 5 * 10**9
 INDEX_FILE = "model.safetensors.index.json"
 # Files of a Hugging Face folder that travel with the weights: configs, tokenizer, remote code.
@@ -60,9 +68,35 @@ class ParamGroup:
     claims: str = ".*"  # regex over source keys; each key goes to the first group that claims it
 
 
-def param_groups(cfg: DreamConfig) -> list[ParamGroup]:
-    """The model's parameter groups, in claiming order."""
-    return [ParamGroup(LLM_GROUP, dream_keymap(cfg), flatten(nn.meta.unbox(abstract_params(cfg))))]
+Speech = tuple[SenseVoiceConfig, ProjectorConfig]
+
+
+def param_groups(cfg: DreamConfig, speech: Speech | None = None) -> list[ParamGroup]:
+    """The model's parameter groups, in claiming order: the speech input (if any), then the LLM."""
+    groups = []
+    if speech is not None:
+        encoder, projector = speech
+        target = {"encoder": sensevoice.abstract_params(encoder), "projector": projector_lib.abstract_params(projector)}
+        groups.append(ParamGroup(SPEECH_GROUP, speech_keymap(), flatten(target), SPEECH_KEYS))
+    groups.append(ParamGroup(LLM_GROUP, dream_keymap(cfg), flatten(nn.meta.unbox(abstract_params(cfg)))))
+    return groups
+
+
+def speech_configs(raw_config: dict, dtype: str) -> Speech:
+    """The speech encoder and projector of a reference config.json, as `load_model` reads them: SenseVoiceSmall,
+    unless an `omnidiff_speech` field gives the encoder's shape (tiny test checkpoints). dtype: the LLM's."""
+    fields = dict(raw_config.get("omnidiff_speech", {}))
+    if "prompt_rows" in fields:
+        fields["prompt_rows"] = tuple(fields["prompt_rows"])
+    return _speech_dtype((SenseVoiceConfig(**fields), ProjectorConfig(hidden_size=raw_config["hidden_size"])), dtype)
+
+
+def _speech_dtype(speech: Speech, dtype: str) -> Speech:
+    """The speech input in the LLM's dtype (float16 LLMs keep a bfloat16 encoder, as `load_model` does)."""
+    encoder, projector = speech
+    dtype = "float32" if dtype == "float32" else "bfloat16"
+    return (encoder.replace(dtype=dtype, param_dtype=dtype),
+            projector.replace(input_size=encoder.output_size, dtype=dtype, param_dtype=dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,39 +135,46 @@ def import_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: str
     src, dst = Path(src), Path(dst)
     folder = src if src.is_dir() else src.parent
     _refuse_overlap(folder, dst)
-    cfg, layout, _ = read_hf_config(folder)
-    source = _tensor_maps(open_source(src))
-    plans = plan_groups(source, param_groups(cfg))
+    cfg, layout, raw = read_hf_config(folder)
+    mapped = _MappedTensors(open_source(src))
+    source = mapped.source
+    speech = speech_configs(raw, cfg.param_dtype) if any(re.fullmatch(SPEECH_KEYS, k) for k in source) else None
+    plans = plan_groups(source, param_groups(cfg, speech))
     dtypes_by_leaf = {(g.name, p): np.dtype(dtype) if dtype else source[_first_key(plan, p)].dtype
                       for g, plan in plans for p in plan.entries}
     dtypes = sorted({dt.name for dt in dtypes_by_leaf.values()})
     if len(dtypes) == 1 and dtypes[0] in ("float32", "bfloat16", "float16"):
         cfg = cfg.replace(dtype=dtypes[0], param_dtype=dtypes[0])
+        speech = speech and _speech_dtype(speech, dtypes[0])
     keys = [k for _, plan in plans for e in plan.entries.values() for ks in e.keys.values() for k in ks]
     total = sum(source[k].nbytes for k in keys)
     on_tensor = progress(len(keys), total) if progress else None
 
     with orbax_io.writing(dst, force) as ckpt:
+        leaves = [(group, path, entry) for group, plan in plans for path, entry in plan.entries.items()]
         batch, batch_bytes, in_flight = {}, 0, 0
-        for group, plan in plans:
-            for path, entry in plan.entries.items():
-                shape, leaf_dtype = group.target[path].shape, dtypes_by_leaf[group.name, path]
-                if in_flight + _nbytes(shape, leaf_dtype) > _OVERLAP_BYTES:
-                    ckpt.wait()  # bounds the memory held by the background save
-                    in_flight = 0
-                leaf = _build_leaf(source, entry, shape, leaf_dtype, on_tensor)
-                batch[f"{group.name}/{path}"] = leaf
-                batch_bytes += leaf.nbytes
-                if batch_bytes >= _BATCH_BYTES:
-                    ckpt.add_params(unflatten(batch))
-                    batch, batch_bytes, in_flight = {}, 0, batch_bytes
+        for n, (group, path, entry) in enumerate(leaves):
+            shape, leaf_dtype = group.target[path].shape, dtypes_by_leaf[group.name, path]
+            if in_flight + _nbytes(shape, leaf_dtype) > _OVERLAP_BYTES:
+                ckpt.wait()  # bounds the memory held by the background save
+                in_flight = 0
+            if n + 1 < len(leaves):
+                mapped.prefetch(k for ks in leaves[n + 1][2].keys.values() for k in ks)
+            leaf = _build_leaf(source, entry, shape, leaf_dtype, on_tensor)
+            batch[f"{group.name}/{path}"] = leaf
+            batch_bytes += leaf.nbytes
+            if batch_bytes >= _BATCH_BYTES:
+                ckpt.add_params(unflatten(batch))
+                batch, batch_bytes, in_flight = {}, 0, batch_bytes
         if batch:
             ckpt.add_params(unflatten(batch))
         for file in hf_files(folder):
             ckpt.add_file(file)
         dropped = {k: why for _, plan in plans for k, why in plan.dropped.items()}
-        ckpt.meta.update(model=dataclasses.asdict(cfg), vocab=dataclasses.asdict(layout), source=str(src.absolute()),
-                         dropped=dropped)
+        ckpt.meta.update(model=dataclasses.asdict(cfg), vocab=dataclasses.asdict(layout),
+                         speech=speech and {"encoder": dataclasses.asdict(speech[0]),
+                                            "projector": dataclasses.asdict(speech[1])},
+                         source=str(src.absolute()), dropped=dropped)
     parameters = sum(int(np.prod(g.target[p].shape)) for g, plan in plans for p in plan.entries)
     return Summary(len(keys), parameters, total, tuple(dtypes), time.perf_counter() - start, dropped)
 
@@ -207,30 +248,50 @@ def copy_into(out: np.ndarray, view: np.ndarray, block_bytes: int = 1 << 20) -> 
     list(_COPY_THREADS.map(copy, range(0, view.shape[axis], step)))
 
 
-def _tensor_maps(source: Source) -> Source:
-    """`source`, each safetensors tensor memory-mapped on its own when read.
+class _MappedTensors:
+    """A source whose safetensors tensors are memory-mapped one by one, with read-ahead.
 
     The lazy readers map each file once, and a map keeps every page it touched resident (and counted in the
     process's memory) while the file is open. A map per tensor is closed, and its pages released, as soon as
     the tensor (or the leaf that is a view of it) is dropped, so a streaming import never holds the whole file.
+    `prefetch(keys)` asks the kernel to start reading tensors into the page cache (posix_fadvise WILLNEED) in
+    the background, so the disk works on the next leaf while this one is converted.
     """
-    headers: dict[str, tuple[dict, int]] = {}
 
-    def reader(ref: TensorRef) -> Callable[[], np.ndarray]:
-        def read() -> np.ndarray:
-            if ref.origin not in headers:
-                headers[ref.origin] = read_safetensors_header(Path(ref.origin))
-            header, start = headers[ref.origin]
-            begin, _ = header[ref.key]["data_offsets"]
-            if ref.nbytes == 0:
-                return np.empty(ref.shape, ref.dtype)
-            data = np.memmap(ref.origin, np.uint8, mode="r", offset=start + begin, shape=(ref.nbytes,))
-            return np.asarray(data).view(ref.dtype).reshape(ref.shape)
-        return read
+    def __init__(self, source: Source):
+        self._headers: dict[str, tuple[dict, int]] = {}
+        self._readahead = ThreadPoolExecutor(max_workers=1)
+        refs = {k: dataclasses.replace(r, _read=functools.partial(self._read, r)) if self._mapped(r) else r
+                for k, r in source.items()}
+        self.source = Source(refs, source.description)
 
-    refs = {k: dataclasses.replace(r, _read=reader(r)) if r.origin.endswith(".safetensors") else r
-            for k, r in source.items()}
-    return Source(refs, source.description)
+    @staticmethod
+    def _mapped(ref: TensorRef) -> bool:
+        return ref.origin.endswith(".safetensors") and ref.nbytes > 0
+
+    def _offset(self, ref: TensorRef) -> int:
+        if ref.origin not in self._headers:
+            self._headers[ref.origin] = read_safetensors_header(Path(ref.origin))
+        header, start = self._headers[ref.origin]
+        return start + header[ref.key]["data_offsets"][0]
+
+    def _read(self, ref: TensorRef) -> np.ndarray:
+        data = np.memmap(ref.origin, np.uint8, mode="r", offset=self._offset(ref), shape=(ref.nbytes,))
+        return np.asarray(data).view(ref.dtype).reshape(ref.shape)
+
+    def prefetch(self, keys) -> None:
+        spans = [(r.origin, self._offset(r), r.nbytes) for r in map(self.source.__getitem__, keys) if self._mapped(r)]
+        if spans and hasattr(os, "posix_fadvise"):
+            self._readahead.submit(_advise_willneed, spans)
+
+
+def _advise_willneed(spans) -> None:
+    for path, offset, nbytes in spans:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
 
 def hf_files(folder: str | os.PathLike) -> list[Path]:
@@ -252,32 +313,47 @@ def load_orbax_model(path: str | os.PathLike, dtype: str | None = None, mesh: ja
                      **overrides) -> OmniModel:
     """Loads an orbax folder written by `import_checkpoint` (arguments as `omnidiff_jax.model.load_model`).
 
-    With a mesh, every parameter is read straight into its sharding: each process reads only the slices its
-    devices hold, so a model larger than one device (or than host memory) loads.
+    With a mesh, every LLM parameter is read straight into its sharding: each process reads only the slices its
+    devices hold, so a model larger than one device (or than host memory) loads. The speech input, small, is
+    replicated.
     """
     path = Path(path)
-    cfg, layout = _stored_config(path)
+    cfg, layout, speech = _stored_config(path)
     if dtype is not None:
         overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
+        speech = speech and _speech_dtype(speech, dtype)
     cfg = cfg.replace(**overrides)
-    group = next(g for g in param_groups(cfg) if g.name == LLM_GROUP)
     shardings = flatten(param_shardings(cfg, mesh)) if mesh is not None else {}
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {f"{group.name}/{p}": jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=shardings.get(p, device))
-              for p, t in group.target.items()}
-    params = orbax_io.restore(path, target)
-    tree = unflatten({p.split("/", 1)[1]: v for p, v in params.items()})
+    place = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None
+             else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    target = {f"{g.name}/{p}": jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=shardings.get(p, place))
+              for g in param_groups(cfg, speech) for p, t in g.target.items()}
+    params = _split_groups(orbax_io.restore(path, target))
+    speech_input = SpeechInput(*speech, params[SPEECH_GROUP]) if speech is not None else None
     tokenizer = path / orbax_io.FILES_DIR
-    return OmniModel(cfg, layout, tree, mesh, str(tokenizer) if (tokenizer / "tokenizer_config.json").exists()
-                     else None)
+    return OmniModel(cfg, layout, params[LLM_GROUP], mesh,
+                     str(tokenizer) if (tokenizer / "tokenizer_config.json").exists() else None, speech_input)
 
 
-def _stored_config(path: Path) -> tuple[DreamConfig, TokenLayout]:
+def _split_groups(flat: Mapping) -> dict[str, dict]:
+    """{"group/a/b": x} -> {group: nested tree}."""
+    groups: dict[str, dict] = {}
+    for path, leaf in flat.items():
+        group, rest = path.split("/", 1)
+        groups.setdefault(group, {})[rest] = leaf
+    return {g: unflatten(leaves) for g, leaves in groups.items()}
+
+
+def _stored_config(path: Path) -> tuple[DreamConfig, TokenLayout, Speech | None]:
     meta = orbax_io.read_meta(path)
     try:
-        return DreamConfig(**meta["model"]), TokenLayout(**meta["vocab"])
+        speech = meta.get("speech")
+        if speech is not None:
+            encoder = {k: tuple(v) if isinstance(v, list) else v for k, v in speech["encoder"].items()}
+            speech = SenseVoiceConfig(**encoder), ProjectorConfig(**speech["projector"])
+        return DreamConfig(**meta["model"]), TokenLayout(**meta["vocab"]), speech
     except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{path / orbax_io.META_FILE}: bad model or vocab entry ({e})") from None
+        raise CheckpointError(f"{path / orbax_io.META_FILE}: bad model, vocab or speech entry ({e})") from None
 
 
 # --------------------------------------------------------------------------------------------------- export
@@ -295,17 +371,21 @@ def export_checkpoint(src: str | os.PathLike | OmniModel, dst: str | os.PathLike
     dst = Path(dst)
     if isinstance(src, OmniModel):
         cfg, layout, files = src.config, src.layout, Path(src.tokenizer_path) if src.tokenizer_path else None
-        leaves = {f"{LLM_GROUP}/{p}": v for p, v in flatten(src.params).items()}
+        trees = {LLM_GROUP: src.params}
+        speech = None
+        if src.speech is not None:
+            speech, trees[SPEECH_GROUP] = (src.speech.encoder, src.speech.projector), src.speech.params
+        leaves = {f"{g}/{p}": v for g, tree in trees.items() for p, v in flatten(tree).items()}
         stored = {p: jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in leaves.items()}
         fetch = leaves.__getitem__
     else:
         src = Path(src)
         _refuse_overlap(src, dst)
-        cfg, layout = _stored_config(src)
+        cfg, layout, speech = _stored_config(src)
         files = src / orbax_io.FILES_DIR
         stored = orbax_io.stored_leaves(src)
         fetch = functools.partial(_restore_one, src, stored)
-    groups = param_groups(cfg)
+    groups = param_groups(cfg, speech)
     _check_leaves(stored, groups)
     manifest = [(p, key, shape, stored[p].dtype) for g in groups for p, key, shape in _export_manifest(g, stored)]
     shards = _pack(manifest, max_shard_bytes)
@@ -402,5 +482,5 @@ def _nbytes(shape, dtype) -> int:
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
-__all__ = ["import_checkpoint", "export_checkpoint", "load_orbax_model", "param_groups", "ParamGroup", "Summary",
-           "plan_groups", "copy_into", "hf_files"]
+__all__ = ["import_checkpoint", "export_checkpoint", "load_orbax_model", "param_groups", "speech_configs",
+           "ParamGroup", "Summary", "plan_groups", "copy_into", "hf_files"]

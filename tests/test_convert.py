@@ -24,69 +24,72 @@ from omnidiff_jax.convert.keymap import ConversionError, flatten
 from omnidiff_jax.convert.omni import export_checkpoint, import_checkpoint, load_orbax_model
 from omnidiff_jax.convert.sources import CheckpointError
 from omnidiff_jax.model import load_model
+from torch_ref import sensevoice as sensevoice_ref
 from torch_ref.dream import DreamModel, random_dream, save_hf, tiny_hf_config
 
-AUDIO = {  # a few speech-input keys as the released checkpoint names them (tiny shapes)
-    "model.audio_model.model.embed.weight": (16, 12),
-    "model.audio_model.model.encoder.encoders0.0.self_attn.linear_q_k_v.weight": (24, 12),
-    "model.audio_model.model.encoder.encoders.0.self_attn.fsmn_block.weight": (8, 1, 11),
-    "model.audio_model.model.ctc.ctc_lo.weight": (30, 8),
-    "model.audio_model.model.ctc.ctc_lo.bias": (30,),
-    "model.audio_projection.pre_proj_layernorm.weight": (8,),
-    "model.audio_projection.mlp.0.weight": (64, 8),
-}
+SPEECH = dict(output_size=32, num_heads=2, linear_units=64, num_blocks=3, tp_blocks=2)  # SenseVoiceConfig.tiny()
+CTC = {"model.audio_model.model.ctc.ctc_lo.weight", "model.audio_model.model.ctc.ctc_lo.bias"}
 TOKENIZER_FILES = {"tokenizer_config.json": '{"model_max_length": 8}', "generation_config.json": '{"top_k": 50}',
                    "tokenization_dream.py": "# remote code\n"}
 
 
-def write_reference(folder, model, config, dtype=torch.float32, shards=3):
-    """A reference-style folder: sharded safetensors with the speech-input keys, config and tokenizer files."""
-    g = torch.Generator().manual_seed(1)
-    audio = {k: torch.randn(s, generator=g).to(dtype) for k, s in AUDIO.items()}
-    save_hf(model, folder, config, dtype=dtype, shards=shards, extra=audio)
+def write_reference(folder, model, speech, config, dtype=torch.float32, shards=3):
+    """A reference-style folder: sharded safetensors (LLM and speech-input keys), config and tokenizer files."""
+    save_hf(model, folder, {**config, "omnidiff_speech": SPEECH}, dtype=dtype, shards=shards,
+            extra=sensevoice_ref.omni_state(*speech, dtype))
     for name, text in TOKENIZER_FILES.items():
         (Path(folder) / name).write_text(text)
     return Path(folder)
 
 
-def llm_state(model, dtype):
-    return {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
+def reference_state(model, speech, dtype):
+    """Every tensor of the checkpoint written by `write_reference`."""
+    state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
+    return {**state, **sensevoice_ref.omni_state(*speech, dtype)}
+
+
+def tensors(folder):
+    out = {}
+    for shard in Path(folder).glob("*.safetensors"):
+        out.update(load_file(shard))
+    return out
 
 
 @pytest.fixture(scope="module")
 def ref():
+    """(config.json dict, PyTorch Dream, (SenseVoiceSmall, projector)) with random weights."""
     config = tiny_hf_config()
-    return config, random_dream(config)
+    speech = sensevoice_ref.random_speech(sensevoice_ref.tiny_config(), config["hidden_size"])
+    return config, random_dream(config), speech
 
 
 @pytest.fixture(scope="module")
 def f32(ref, tmp_path_factory):
     """(reference folder, orbax folder, import summary) for a float32 checkpoint."""
-    config, model = ref
+    config, model, speech = ref
     root = tmp_path_factory.mktemp("f32")
-    src = write_reference(root / "hf", model, config)
+    src = write_reference(root / "hf", model, speech, config)
     return src, root / "orbax", import_checkpoint(src, root / "orbax")
 
 
 @pytest.fixture(scope="module")
 def bf16(ref, tmp_path_factory):
     """(reference folder, orbax folder) for a bfloat16 checkpoint, like the released one."""
-    config, model = ref
+    config, model, speech = ref
     root = tmp_path_factory.mktemp("bf16")
-    src = write_reference(root / "hf", model, config, dtype=torch.bfloat16, shards=2)
+    src = write_reference(root / "hf", model, speech, config, dtype=torch.bfloat16, shards=2)
     import_checkpoint(src, root / "orbax")
     return src, root / "orbax"
 
 
 def test_import_then_load_gives_the_reference_logits(ref, f32):
-    config, model = ref
+    config, model, speech = ref
     src, dst, summary = f32
-    state = model.state_dict()
-    assert summary.tensors == len(state)
-    assert summary.parameters == sum(v.numel() for v in state.values())
+    state = reference_state(model, speech, torch.float32)
+    assert summary.tensors == len(state) - len(CTC)
+    assert summary.parameters == sum(v.numel() for k, v in state.items() if k not in CTC)
     assert summary.dtypes == ("float32",)
-    assert set(summary.dropped) == set(AUDIO)  # accounted for, with a reason, until the speech key map lands
-    assert all("speech-input" in why for why in summary.dropped.values())
+    assert set(summary.dropped) == CTC and all("CTC" in why for why in summary.dropped.values())
 
     loaded = load_orbax_model(dst)
     ids = np.random.RandomState(0).randint(0, config["vocab_size"], (2, 12))
@@ -99,31 +102,36 @@ def test_import_then_load_gives_the_reference_logits(ref, f32):
     for name, text in TOKENIZER_FILES.items():
         assert (Path(loaded.tokenizer_path) / name).read_text() == text
 
-    # loading the reference folder directly converts through the same key map: the same parameters, bit for bit
-    direct = flatten(load_model(src).params)
-    for path, leaf in flatten(loaded.params).items():
-        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(direct[path]), err_msg=path)
+    # loading the reference folder directly converts through the same key maps: the same parameters, bit for bit
+    direct = load_model(src)
+    assert loaded.speech.encoder == direct.speech.encoder and loaded.speech.projector == direct.speech.projector
+    for ours, theirs in ((loaded.params, direct.params), (loaded.speech.params, direct.speech.params)):
+        theirs = flatten(theirs)
+        assert flatten(ours).keys() == theirs.keys()
+        for path, leaf in flatten(ours).items():
+            np.testing.assert_array_equal(np.asarray(leaf), np.asarray(theirs[path]), err_msg=path)
 
 
 def test_dtype_kept_by_default_and_cast_on_request(ref, bf16, tmp_path, caplog):
-    config, model = ref
+    config, model, speech = ref
     src, dst = bf16
     stored = orbax_io.stored_leaves(dst)
     assert {str(s.dtype) for s in stored.values()} == {"bfloat16"}
-    assert load_orbax_model(dst).config.param_dtype == "bfloat16"
+    loaded = load_orbax_model(dst)
+    assert loaded.config.param_dtype == "bfloat16" and loaded.speech.encoder.param_dtype == "bfloat16"
 
     with caplog.at_level("INFO"):
         summary = import_checkpoint(src, tmp_path / "f32", dtype="float32")
     assert "dropping model.audio_model.model.ctc.ctc_lo.weight" in caplog.text
     assert summary.dtypes == ("float32",)
     cast = load_orbax_model(tmp_path / "f32")
-    assert cast.config.param_dtype == "float32"
+    assert cast.config.param_dtype == "float32" and cast.speech.encoder.param_dtype == "float32"
     want = model.model.embed_tokens.weight.detach().to(torch.bfloat16).float().numpy()
     np.testing.assert_array_equal(np.asarray(cast.params["embed_tokens"]["embedding"]), want)
 
 
 def test_export_round_trip_is_bit_identical(ref, bf16, tmp_path):
-    config, model = ref
+    config, model, speech = ref
     src, dst = bf16
     out = tmp_path / "back"
     summary = export_checkpoint(dst, out, max_shard_bytes=40_000)
@@ -136,8 +144,8 @@ def test_export_round_trip_is_bit_identical(ref, bf16, tmp_path):
         assert shard.stat().st_size <= 40_000 + 4096 or len(part) == 1  # the cap, or one tensor bigger than it
         assert all(index["weight_map"][k] == shard.name for k in part)
         back.update(part)
-    original = llm_state(model, torch.bfloat16)
-    assert set(back) == set(original) and summary.tensors == len(original)
+    original = {k: v for k, v in reference_state(model, speech, torch.bfloat16).items() if k not in CTC}
+    assert set(back) == set(original) and summary.tensors == len(original)  # all but the unused CTC head
     for key, tensor in original.items():
         assert back[key].dtype == torch.bfloat16 and back[key].shape == tensor.shape, key
         assert torch.equal(back[key].view(torch.int16), tensor.view(torch.int16)), key
@@ -145,16 +153,16 @@ def test_export_round_trip_is_bit_identical(ref, bf16, tmp_path):
 
     hf = json.loads((out / "config.json").read_text())
     assert hf["model_type"] == "Dream" and hf["auto_map"] == AUTO_MAP and hf["torch_dtype"] == "bfloat16"
+    assert hf["omnidiff_speech"] == SPEECH
     for name, text in TOKENIZER_FILES.items():
         assert (out / name).read_text() == text
-    reloaded = DreamModel(hf)  # the PyTorch reference takes the exported folder as is
-    reloaded.load_state_dict(back, strict=True)
+    reloaded = DreamModel(hf)  # the PyTorch reference takes the exported LLM weights as they are
+    reloaded.load_state_dict({k: v for k, v in back.items() if not k.startswith("model.audio_")}, strict=True)
 
     # params in memory export the same tensors
     export_checkpoint(load_orbax_model(dst), tmp_path / "from_memory")
-    again = {}
-    for shard in (tmp_path / "from_memory").glob("*.safetensors"):
-        again.update(load_file(shard))
+    again = tensors(tmp_path / "from_memory")
+    assert set(again) == set(original)
     assert all(torch.equal(again[k].view(torch.int16), original[k].view(torch.int16)) for k in original)
 
 
@@ -166,16 +174,18 @@ def _save(folder, tensors, config):
 
 
 def test_key_problems_listed_together(ref, tmp_path):
-    config, model = ref
-    state = llm_state(model, torch.float32)
+    config, model, speech = ref
+    state = reference_state(model, speech, torch.float32)
+    del state["model.audio_projection.mlp.2.weight"]
     del state["model.layers.1.mlp.up_proj.weight"], state["lm_head.weight"]
     state["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(3, 64)
     state["model.vision_tower.weight"] = torch.zeros(2)
-    src = _save(tmp_path / "bad", state, config)
+    src = _save(tmp_path / "bad", state, {**config, "omnidiff_speech": SPEECH})
     with pytest.raises(ConversionError) as err:
         import_checkpoint(src, tmp_path / "out")
     msg = str(err.value)
     assert "missing key(s)" in msg and "model.layers.1.mlp.up_proj.weight" in msg and "lm_head.weight" in msg
+    assert "model.audio_projection.mlp.2.weight" in msg  # the speech group's problems come in the same error
     assert "unexpected key(s)" in msg and "model.vision_tower.weight" in msg
     assert "shape mismatch for 'model.layers.0.self_attn.q_proj.weight': found (3, 64)" in msg
     assert not (tmp_path / "out").exists()
@@ -246,7 +256,7 @@ class _Payload:
 
 
 def test_pickles_load_weights_only(ref, tmp_path):
-    config, model = ref
+    config, model, _ = ref
     good = tmp_path / "pt"
     good.mkdir()
     torch.save(model.state_dict(), good / "model.pt")
@@ -283,6 +293,8 @@ SHARDED = textwrap.dedent("""
     for path, leaf in flatten(model.params).items():
         assert leaf.sharding.is_equivalent_to(want[path], leaf.ndim), (path, leaf.sharding, want[path])
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(single[path]), err_msg=path)
+    for leaf in jax.tree.leaves(model.speech.params):  # the small speech input is replicated on the mesh
+        assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
     print("SHARDED-OK")
 """)
 
@@ -298,7 +310,8 @@ def test_cli(f32, tmp_path, capsys):
     src = f32[0]
     assert main(["convert", "import", str(src), str(tmp_path / "ox"), "--dtype", "bfloat16"]) == 0
     out = capsys.readouterr()
-    assert "imported" in out.out and "27 tensors" in out.out and "bfloat16" in out.out
+    assert "imported" in out.out and f"{f32[2].tensors} tensors" in out.out and "bfloat16" in out.out
+    assert "dropped 2 tensor(s): SenseVoice CTC head" in out.out
     assert "tensors" in out.err  # the progress bar counts tensors beside bytes per second
     assert main(["convert", "import", str(src), str(tmp_path / "ox")]) == 2
     assert "already exists" in capsys.readouterr().err
