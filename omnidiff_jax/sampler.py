@@ -312,7 +312,7 @@ def _plan(model: OmniModel, prompts: list[Prompt], uncond: list[Prompt] | None, 
     length = g + nb
     rows = b * (2 if uncond else 1)
     hidden = model.config.hidden_size
-    num_feats = bucket(max([0] + [pr.embeds.shape[0] for pr in prompts if pr.embeds is not None]), 1)
+    num_feats = bucket(max([0] + [pr.embeds.shape[0] for pr in prompts if pr.embeds is not None]))
 
     prompt_ids = np.zeros((rows, g), np.int32)
     feats = np.zeros((rows, num_feats, hidden), np.float32)

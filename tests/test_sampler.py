@@ -22,7 +22,7 @@ import torch
 import omnidiff_jax
 from omnidiff_jax import adaptive_length
 from omnidiff_jax.prefix_cache import run_layers
-from omnidiff_jax.sampler import MAX_POSITIONS, Prompt, boa_index, sample, schedule
+from omnidiff_jax.sampler import MAX_POSITIONS, Prompt, _program, _Static, boa_index, sample, schedule
 from torch_ref import dream as dream_ref
 from torch_ref.sampler import reference_sample, sample_tokens, top_p_filter
 
@@ -78,18 +78,23 @@ def test_tokens_match_the_reference_loop(setup, alg, blocks, penalties, boa, cfg
     np.testing.assert_array_equal(got, want)
 
 
-def transfer_counts(gen_length, steps):
-    counts, m = [], gen_length
-    for _, _, ratio, last in schedule(gen_length, steps, None, False):
+def transfer_counts(gen_length, steps, boa=False):
+    counts, m = [], gen_length - boa
+    for _, _, ratio, last in schedule(gen_length, steps, None, boa):
+        if m == 0:
+            break  # no mask left: the reference stops
         counts.append(m if last else max(int(np.float32(m) * ratio), 1))
         m -= counts[-1]
     return counts
 
 
 def test_schedule_follows_the_spec():
-    # spec §1.6: N = S gives 1 token per step; N = 2S gives 1, 2, ..., 2, 3
-    assert transfer_counts(8, 8) == [1] * 8 and transfer_counts(128, 128) == [1] * 128
-    assert transfer_counts(16, 8) == [1, 2, 2, 2, 2, 2, 2, 3]
+    # spec §1.6: N = S gives 1 token per step; N = 2S gives 1, 2, ..., 2, 3; N = 21, S = 10 gives 2 x 9, 3;
+    # 127 masks (BOA) in 128 steps: 1 per step, stopping after step 127
+    assert transfer_counts(8, 8) == [1] * 8 and transfer_counts(260, 260) == [1] * 260
+    assert transfer_counts(50, 25) == [1] + [2] * 23 + [3] and transfer_counts(16, 8) == [1] + [2] * 6 + [3]
+    assert transfer_counts(21, 10) == [2] * 9 + [3]
+    assert transfer_counts(128, 128, boa=True) == [1] * 127
     assert boa_index(57, 128) == 25  # spec §1.2: N = 128 puts BOA at P + 25
     assert len(schedule(10, 10, 4, False)) == 4 + 4 + 2  # S_b = int(len_b / N * S), restarted per block
 
@@ -102,11 +107,14 @@ def test_batch_rows_equal_single_rows_and_history_matches_step_by_step(setup):
     batch, history = sample(jm, prompts, gen_length=lengths, steps=steps, return_history=True, **options)
     _, want = reference(setup, gen_length=N, steps=16, **options)
     np.testing.assert_array_equal(history[0], want)
+    program = _program(jm.config, None, _Static(50, False, False, False))
     for r in range(3):
         single = sample(jm, [prompts[r]], gen_length=lengths[r], steps=steps[r], **options)[0]
         assert batch[r].shape == (lengths[r],) and history[r].shape[1] == lengths[r]
         np.testing.assert_array_equal(batch[r], single)
         np.testing.assert_array_equal(history[r][-1], single)
+        compiled = compiled if r else program._cache_size()
+    assert program._cache_size() == compiled  # 3 prompt and 3 generation lengths, one bucket: no recompilation
 
 
 def test_aligned_cfg_equals_running_the_unconditional_row_alone(setup):

@@ -1,0 +1,84 @@
+"""Benchmark: our jitted sampler against the PyTorch transcription of the reference loop (tests/torch_ref/sampler.py)
+on the same weights and machine, float32, config `small`: 256 generated tokens in 256 and in 64 steps, batch 1
+and 8, with and without the prefix cache. Prints ms per step, generated tokens/s, the speedup over PyTorch, and
+how many tokens the prefix cache run shares with the exact one; writes JSON.
+
+    python scripts/bench_sampler.py [--config small] [--prompt-length 64] [--json out/bench_sampler.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import benchlib  # noqa: F401  (puts tests/ on the path)
+import numpy as np
+import torch
+
+import omnidiff_jax
+from omnidiff_jax.config import dream_config, get_config, token_layout
+from omnidiff_jax.convert.dream import hf_config
+from omnidiff_jax.sampler import sample
+from torch_ref import dream as dream_ref
+from torch_ref.sampler import reference_sample
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="small")
+    ap.add_argument("--prompt-length", type=int, default=64)
+    ap.add_argument("--gen-length", type=int, default=256)
+    ap.add_argument("--steps", nargs="+", type=int, default=[256, 64])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--alg", default="entropy")
+    ap.add_argument("--json", default="out/bench_sampler.json")
+    args = ap.parse_args()
+
+    cfg = get_config(args.config)
+    c = hf_config(dream_config(cfg), token_layout(cfg), "float32")
+    tm = dream_ref.random_dream(c)
+    with torch.no_grad():  # sharper distributions than raw random weights, as the tests' fixture
+        tm.lm_head.weight.mul_(3.0)
+    with tempfile.TemporaryDirectory() as d:
+        dream_ref.save_hf(tm, d, c)
+        jm = omnidiff_jax.load_model(d, dtype="float32")
+    layout = token_layout(cfg)
+    rng = np.random.default_rng(0)
+    n = args.gen_length
+    rows = []
+    for b in args.batches:
+        prompts = rng.integers(0, layout.num_text, (b, args.prompt_length)).astype(np.int32)
+        with torch.no_grad():
+            embeds = tm.model.embed_tokens(torch.tensor(prompts, dtype=torch.long))
+        for steps in args.steps:
+            options = dict(gen_length=n, steps=steps, alg=args.alg)
+
+            def ours(prefix_cache):
+                return sample(jm, list(prompts), prefix_cache=prefix_cache, **options)
+
+            with torch.inference_mode():
+                t_torch = benchlib.timeit(lambda: reference_sample(tm, embeds, mask_id=layout.mask,
+                                                                   boa_id=layout.begin_of_audio, **options),
+                                          warmup=0, reps=1)
+            exact, cached = ours(False), ours(True)  # the first calls compile
+            t_exact = benchlib.timeit(lambda: ours(False), warmup=0, reps=1)
+            t_cached = benchlib.timeit(lambda: ours(True), warmup=0, reps=1)
+            agreement = float(np.mean([(x == y).mean() for x, y in zip(exact, cached)]))
+            for name, t in (("torch reference", t_torch), ("ours", t_exact), ("ours + prefix cache", t_cached)):
+                rows.append({"batch": b, "steps": steps, "sampler": name, "ms_per_step": t / steps * 1e3,
+                             "tokens_per_s": b * n / t, "speedup_vs_torch": t_torch / t,
+                             "agree_with_exact": agreement if "cache" in name else None})
+            print(time.strftime("%H:%M:%S"), rows[-3:], flush=True)
+    single = {(r["steps"], r["sampler"]): r["tokens_per_s"] for r in rows if r["batch"] == 1}
+    for r in rows:
+        if r["batch"] != 1 and (r["steps"], r["sampler"]) in single:
+            r["throughput_vs_batch1"] = r["tokens_per_s"] / single[(r["steps"], r["sampler"])]
+    benchlib.report(f"Sampler, config {args.config}, float32, prompt {args.prompt_length}, {n} generated tokens "
+                    f"(alg {args.alg})", rows, ["batch", "steps", "sampler", "ms_per_step", "tokens_per_s",
+                                                "speedup_vs_torch", "throughput_vs_batch1", "agree_with_exact"],
+                    args.json)
+
+
+if __name__ == "__main__":
+    main()
