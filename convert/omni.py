@@ -377,18 +377,22 @@ def export_checkpoint(src: str | os.PathLike | OmniModel, dst: str | os.PathLike
             speech, trees[SPEECH_GROUP] = (src.speech.encoder, src.speech.projector), src.speech.params
         leaves = {f"{g}/{p}": v for g, tree in trees.items() for p, v in flatten(tree).items()}
         stored = {p: jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in leaves.items()}
-        fetch = leaves.__getitem__
+
+        def fetch(paths):
+            return {p: leaves[p] for p in paths}
     else:
         src = Path(src)
         _refuse_overlap(src, dst)
         cfg, layout, speech = _stored_config(src)
         files = src / orbax_io.FILES_DIR
         stored = orbax_io.stored_leaves(src)
-        fetch = functools.partial(_restore_one, src, stored)
+
+        def fetch(paths):
+            return orbax_io.restore(src, {p: stored[p] for p in paths})
     groups = param_groups(cfg, speech)
     _check_leaves(stored, groups)
     manifest = [(p, key, shape, stored[p].dtype) for g in groups for p, key, shape in _export_manifest(g, stored)]
-    shards = _pack(manifest, max_shard_bytes)
+    shards = _pack(manifest, [_nbytes(shape, dt) for *_, shape, dt in manifest], max_shard_bytes)
     total = sum(_nbytes(shape, dt) for *_, shape, dt in manifest)
     on_tensor = progress(len(manifest), total) if progress else None
     stream = _export_stream(groups, stored, fetch, on_tensor)
@@ -415,10 +419,6 @@ def export_checkpoint(src: str | os.PathLike | OmniModel, dst: str | os.PathLike
     return Summary(len(manifest), parameters, total, tuple(dtypes), time.perf_counter() - start)
 
 
-def _restore_one(folder: Path, stored: Mapping[str, jax.ShapeDtypeStruct], path: str) -> np.ndarray:
-    return orbax_io.restore(folder, {path: stored[path]})[path]
-
-
 def _check_leaves(stored: Mapping[str, jax.ShapeDtypeStruct], groups: list[ParamGroup]) -> None:
     want = {f"{g.name}/{p}": tuple(t.shape) for g in groups for p, t in g.target.items()}
     problems = [f"{p}: missing" for p in want if p not in stored]
@@ -441,11 +441,14 @@ def _export_manifest(group: ParamGroup, stored: Mapping[str, jax.ShapeDtypeStruc
 
 
 def _export_stream(groups, stored, fetch, on_tensor) -> Iterator[tuple[str, np.ndarray]]:
-    """(source key, tensor) in manifest order, fetching one leaf at a time."""
-    for group in groups:
-        for path in group.target:
-            leaf = np.asarray(jax.device_get(fetch(f"{group.name}/{path}")))
-            for key, arr in group.keymap.export(unflatten({path: leaf})):
+    """(source key, tensor) in manifest order; leaves are fetched a few at a time (up to `_BATCH_BYTES`)."""
+    paths = [f"{g.name}/{p}" for g in groups for p in g.target]
+    keymaps = {f"{g.name}/{p}": g.keymap for g in groups for p in g.target}
+    for chunk in _pack(paths, [_nbytes(stored[p].shape, stored[p].dtype) for p in paths], _BATCH_BYTES):
+        leaves = fetch(chunk)
+        for path in chunk:
+            leaf = np.asarray(jax.device_get(leaves.pop(path)))
+            for key, arr in keymaps[path].export(unflatten({path.split("/", 1)[1]: leaf})):
                 if on_tensor is not None:
                     on_tensor(key, arr.nbytes)
                 yield key, arr
@@ -465,17 +468,16 @@ class _Pending:
         return arr
 
 
-def _pack(manifest: list, max_bytes: int) -> list[list]:
-    """Consecutive tensors grouped into shards of at most `max_bytes` (a bigger tensor gets its own shard)."""
-    shards, size = [[]], 0
-    for item in manifest:
-        nbytes = _nbytes(item[2], item[3])
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(item)
-        size += nbytes
-    return shards
+def _pack(items: list, sizes: list[int], max_bytes: int) -> list[list]:
+    """Consecutive items grouped into runs of at most `max_bytes` (a bigger item gets a run of its own)."""
+    runs, total = [[]], 0
+    for item, size in zip(items, sizes):
+        if runs[-1] and total + size > max_bytes:
+            runs.append([])
+            total = 0
+        runs[-1].append(item)
+        total += size
+    return runs
 
 
 def _nbytes(shape, dtype) -> int:
