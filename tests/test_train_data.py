@@ -10,10 +10,11 @@ import torch
 from torch_ref import train_loss as ref
 
 from omnidiff_jax.config import get_config, token_layout
+from omnidiff_jax.text_tokenizer import ByteTokenizer
 from omnidiff_jax.train import data, prepare
 
 LAYOUT = token_layout(get_config("tiny"))
-TEXT = data.ByteTokenizer(LAYOUT.num_text)
+TEXT = ByteTokenizer(LAYOUT.num_text)
 ENC = TEXT.encode
 
 

@@ -35,7 +35,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -54,43 +54,6 @@ AUDIO_PREFIX = 4  # SenseVoice's language/event/emotion/text-norm query rows pre
 
 class DataError(ValueError):
     """Unusable training data; the message names the file, line or field at fault."""
-
-
-# --------------------------------------------------------------------------------------------- text tokenizers
-class ByteTokenizer:
-    """UTF-8 bytes as token ids, modulo the text vocabulary: the text tokenizer of tiny test configs."""
-
-    def __init__(self, num_text: int):
-        self.num_text = num_text
-
-    def encode(self, text: str) -> list[int]:
-        return [b % self.num_text for b in text.encode("utf-8")]
-
-
-class HFTokenizer:
-    """The checkpoint's own tokenizer files (Qwen2 byte-level BPE plus the Omni specials), via transformers."""
-
-    def __init__(self, path: str | os.PathLike, layout: TokenLayout):
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        for name, want in (("<|im_start|>", layout.im_start), ("<|im_end|>", layout.im_end),
-                           ("<|endoftext|>", layout.eos), ("<|audio|>", layout.audio_tag)):
-            got = self.tokenizer.convert_tokens_to_ids(name)
-            if got != want:
-                raise DataError(f"{path}: tokenizer maps {name} to {got}, but the model's token layout has {want}")
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
-
-
-def load_text_tokenizer(spec: str, layout: TokenLayout):
-    """'bytes' for `ByteTokenizer`, else the path of a folder with tokenizer files."""
-    if spec == "bytes":
-        return ByteTokenizer(layout.num_text)
-    if not Path(spec).is_dir():
-        raise DataError(f"text tokenizer {spec!r}: expected 'bytes' or a folder with tokenizer files")
-    return HFTokenizer(spec, layout)
 
 
 # --------------------------------------------------------------------------------------------- records
@@ -477,18 +440,3 @@ def next_packs(it: Iterator[dict], count: int) -> dict[str, np.ndarray]:
     """Stacks the next `count` packs into arrays with a leading batch axis."""
     packs = [next(it) for _ in range(count)]
     return {k: np.stack([p[k] for p in packs]) for k in packs[0]}
-
-
-def read_jsonl(path: str | os.PathLike, prefix: str = "", strict: bool = False,
-               on_error: Callable[[DataError], None] | None = None) -> Iterator[tuple[int, Record]]:
-    """(line number, Record) for each usable line; a bad line raises (strict) or goes to `on_error`."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield number, parse_record(line, f"{path}:{number}", prefix)
-            except DataError as e:
-                if strict or on_error is None:
-                    raise
-                on_error(e)

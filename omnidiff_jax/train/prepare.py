@@ -59,8 +59,9 @@ def tokenizers_from_config(cfg: ml_collections.ConfigDict, layout: TokenLayout) 
     file, default the SenseVoiceSmall statistics; no dither, since features are computed once)."""
     from omnidiff_jax import fbank
     from omnidiff_jax.speech_in import load_wave
+    from omnidiff_jax.text_tokenizer import load_text_tokenizer
 
-    text = data.load_text_tokenizer(cfg.text_tokenizer, layout)
+    text = load_text_tokenizer(cfg.text_tokenizer, layout)
     image = speech_codes = None
     devices = jax.devices()
     mesh = sharding.make_mesh() if len(devices) > 1 else None

@@ -293,9 +293,11 @@ def speech_encoder_from_config(cfg: ml_collections.ConfigDict) -> SpeechEncoder:
         raise ValueError(f"data.max_audios is {cfg.data.max_audios}: user speech needs speech.path, a checkpoint "
                          "with the SenseVoice encoder (an Omni-Diffusion folder or SenseVoiceSmall's model.pt)")
     from omnidiff_jax.convert.sensevoice import load_sensevoice_small
+    from omnidiff_jax.convert.sources import open_source
+    from omnidiff_jax.model import load_speech
     from omnidiff_jax.models import projector
     from omnidiff_jax.models.sensevoice import SenseVoiceConfig
-    from omnidiff_jax.speech_in import SpeechInput, load_speech_input
+    from omnidiff_jax.speech_in import SpeechInput
 
     path = Path(cfg.speech.path)
     if path.suffix == ".pt" or (path / "model.pt").exists():
@@ -304,7 +306,8 @@ def speech_encoder_from_config(cfg: ml_collections.ConfigDict) -> SpeechEncoder:
         params = {"encoder": encoder, "projector": projector.init_params(proj_cfg, cfg.init.seed)}
         speech = SpeechInput(SenseVoiceConfig.small(), proj_cfg, params, cmvn)
     else:
-        speech = load_speech_input(path)
+        raw = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+        speech = load_speech(open_source(path), raw, dream_config(cfg))
     return speech_encoder(speech, cfg.data.max_audios, cfg.data.max_audio_frames)
 
 
