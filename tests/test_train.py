@@ -15,11 +15,12 @@ import numpy as np
 import optax
 import pytest
 import torch
-from test_train_data import LAYOUT, SIZES, TEXT, TOKENIZERS, write_tiny_dataset
+from test_train_data import LAYOUT, LAYOUTS, SIZES, TEXT, TOKENIZERS, write_tiny_dataset
 from torch_ref import dream as dream_ref
 from torch_ref import train_loss as ref
 
 import omnidiff_jax
+from omnidiff_jax.cli import main as omnidiff
 from omnidiff_jax.commands.train import apply_override, load_config
 from omnidiff_jax.config import dream_config, get_config
 from omnidiff_jax.model import OmniModel
@@ -269,6 +270,37 @@ def test_speech_features_reach_the_embeddings():
     assert not np.allclose(got, tokens)
     for g in jax.tree.leaves(grads["audio_projection"]):
         assert np.isfinite(g).all() and np.abs(g).max() > 0
+
+
+
+def test_export_goes_through_the_converter(setup, tmp_path):
+    setup["trainer"].run(progress=False)  # trained by the learning test; a no-op then
+    workdir, dst = setup["cfg"].train.workdir, tmp_path / "hf"
+    args = ["train", "--config", "configs/train_tiny.py", f"--config.train.workdir={workdir}", "--export", str(dst)]
+    assert omnidiff(args) == 0
+    exported, trained = omnidiff_jax.load_model(dst), load_run_params(workdir)["dream"]
+    for path, leaf in flatten(trained).items():
+        np.testing.assert_array_equal(flatten(exported.params)[path], leaf, err_msg=path)
+    assert omnidiff(args) == 2  # the folder exists: refused without --force
+
+
+def test_prepare_command(tmp_path, capsys):
+    records = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "yo"}]}
+               for i in range(3)]
+    (tmp_path / "vqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + "oops\n")
+    (tmp_path / "t2i.jsonl").write_text(json.dumps(LAYOUTS["t2i"]) + "\n")
+    (tmp_path / "cat.png").write_bytes(b"")
+    base = ["data", "prepare", "--config", "configs/train_tiny.py", "--no-progress",
+            f"--config.data.root={tmp_path / 'out'}", f"--config.data.sources.vqa.jsonl=['{tmp_path / 'vqa.jsonl'}']",
+            f"--config.data.sources.t2i.jsonl=['{tmp_path / 't2i.jsonl'}']",
+            f"--config.data.sources.t2i.prefix={tmp_path}"]
+    assert omnidiff(base + ["--source", "vqa"]) == 0
+    out = capsys.readouterr().out
+    assert '"samples": 3' in out and '"bad_record": 1' in out
+    assert len(data.open_source(tmp_path / "out" / "vqa")) == 3
+    assert omnidiff(base + ["--source", "t2i"]) == 2
+    assert "prepare.image_tokenizer" in capsys.readouterr().err
+    assert omnidiff(base + ["--source", "nope"]) == 2
 
 
 SHARDED = r"""

@@ -340,6 +340,9 @@ def test_prepare_skips_bad_records_and_resumes(tmp_path):
     errors = json.loads((out / "shard-00001.json").read_text())["errors"]
     assert any("not found" in e and "missing.png" in e for e in errors)
     assert len(data.open_source(out)) == 2
+    errors = []
+    assert [n for n, _ in data.read_jsonl(jsonl, str(raw), on_error=errors.append)] == [1, 3, 6]
+    assert len(errors) == 3 and "t.jsonl:2" in str(errors[0])
     with pytest.raises(data.DataError, match=r"t\.jsonl:2"):
         prepare.prepare_source([jsonl], tmp_path / "strict", LAYOUT, counting, prefix=str(raw), shard_size=2,
                                image_sizes=SIZES, strict=True, progress=False)

@@ -21,6 +21,11 @@ def register(group) -> None:
     train.add_argument("--config", required=True, help="a training config file, e.g. configs/stage1.py")
     train.add_argument("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize()")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--export", metavar="DST", help="instead of training, write the run's checkpoint (in "
+                       "train.workdir) as a reference Hugging Face folder at DST")
+    train.add_argument("--step", type=int, help="with --export: this checkpoint step (default: the latest)")
+    train.add_argument("--tokenizer", help="with --export: a folder whose tokenizer files to copy alongside")
+    train.add_argument("--force", action="store_true", help="with --export: overwrite DST")
     train.set_defaults(func=run_train)
     _accept_overrides(train)
 
@@ -98,6 +103,11 @@ def _parse(text: str, current, field: str):
 
 def run_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    if args.export:
+        from omnidiff_jax.train.trainer import export_run
+
+        print(export_run(cfg.train.workdir, args.export, args.step, args.force, args.tokenizer))
+        return 0
     if args.distributed:
         from omnidiff_jax.sharding import initialize_distributed
 

@@ -35,7 +35,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -440,3 +440,19 @@ def next_packs(it: Iterator[dict], count: int) -> dict[str, np.ndarray]:
     """Stacks the next `count` packs into arrays with a leading batch axis."""
     packs = [next(it) for _ in range(count)]
     return {k: np.stack([p[k] for p in packs]) for k in packs[0]}
+
+
+def read_jsonl(path: str | os.PathLike, prefix: str = "", strict: bool = False,
+               on_error: Callable[[DataError], None] | None = None) -> Iterator[tuple[int, Record]]:
+    """(line number, Record) for each non-blank line; a bad line raises (strict, or with no `on_error`) or is
+    passed to `on_error`."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield number, parse_record(line, f"{path}:{number}", prefix)
+            except DataError as e:
+                if strict or on_error is None:
+                    raise
+                on_error(e)

@@ -17,6 +17,7 @@ data-iterator position; orbax writes it asynchronously into a temporary folder r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -285,10 +286,10 @@ def speech_encoder(speech, max_audios: int, max_frames: int) -> SpeechEncoder:
                          {"encoder": speech.params["encoder"]}, max_audios, max_frames)
 
 
-def speech_encoder_from_config(cfg: ml_collections.ConfigDict) -> SpeechEncoder:
-    """The speech encoder of `speech.path`: an Omni-Diffusion checkpoint (encoder and projector), or a standalone
-    SenseVoiceSmall (folder or model.pt beside am.mvn) with a fresh projector (Linear N(0, 0.02), LayerNorm 1/0,
-    as the reference initialises a missing one). A projector in the run's initial parameters replaces either."""
+def speech_input_from_config(cfg: ml_collections.ConfigDict):
+    """The `speech_in.SpeechInput` of `speech.path`: an Omni-Diffusion checkpoint (encoder and projector), or a
+    standalone SenseVoiceSmall (folder or model.pt beside am.mvn) with a fresh projector (Linear N(0, 0.02),
+    LayerNorm 1/0, as the reference initialises a missing one)."""
     if not cfg.speech.path:
         raise ValueError(f"data.max_audios is {cfg.data.max_audios}: user speech needs speech.path, a checkpoint "
                          "with the SenseVoice encoder (an Omni-Diffusion folder or SenseVoiceSmall's model.pt)")
@@ -304,11 +305,34 @@ def speech_encoder_from_config(cfg: ml_collections.ConfigDict) -> SpeechEncoder:
         encoder, cmvn = load_sensevoice_small(path)
         proj_cfg = projector.ProjectorConfig.omni_diffusion(hidden_size=cfg.model.hidden_size)
         params = {"encoder": encoder, "projector": projector.init_params(proj_cfg, cfg.init.seed)}
-        speech = SpeechInput(SenseVoiceConfig.small(), proj_cfg, params, cmvn)
-    else:
-        raw = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
-        speech = load_speech(open_source(path), raw, dream_config(cfg))
-    return speech_encoder(speech, cfg.data.max_audios, cfg.data.max_audio_frames)
+        return SpeechInput(SenseVoiceConfig.small(), proj_cfg, params, cmvn)
+    raw = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+    return load_speech(open_source(path), raw, dream_config(cfg))
+
+
+def speech_encoder_from_config(cfg: ml_collections.ConfigDict) -> SpeechEncoder:
+    """`speech_encoder` around `speech_input_from_config(cfg)`; a projector in the run's initial parameters
+    replaces the loaded one."""
+    return speech_encoder(speech_input_from_config(cfg), cfg.data.max_audios, cfg.data.max_audio_frames)
+
+
+def export_run(workdir: str | os.PathLike, dst: str | os.PathLike, step: int | None = None, force: bool = False,
+               tokenizer_path: str | None = None):
+    """Writes a run's latest (or given) checkpoint as a reference Hugging Face folder, through the converter's
+    exporter (`convert.omni.export_checkpoint`); a trained speech projector goes out with the encoder of the
+    run's `speech.path`. Returns the exporter's summary."""
+    from omnidiff_jax.convert.omni import export_checkpoint
+    from omnidiff_jax.model import OmniModel
+
+    cfg = ml_collections.ConfigDict(json.loads((Path(workdir) / "config.json").read_text()))
+    params = load_run_params(workdir, step)
+    speech = None
+    if "audio_projection" in params:
+        speech = speech_input_from_config(cfg)
+        speech = dataclasses.replace(speech, params={**speech.params, "projector": params["audio_projection"]})
+    model = OmniModel(dream_config(cfg), token_layout(cfg), params["dream"], tokenizer_path=tokenizer_path,
+                      speech=speech)
+    return export_checkpoint(model, dst, force=force)
 
 
 class _Snapshot:
