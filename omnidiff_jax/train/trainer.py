@@ -198,10 +198,11 @@ class Trainer:
                                                create=True)
         return ocp.CheckpointManager((self.workdir / "checkpoints").absolute(), options=options)
 
-    def save(self, manager: ocp.CheckpointManager, state: TrainState, iterator: data.PackIterator) -> None:
-        snapshot = _Snapshot(iterator.get_state())  # taken now: the iterator moves on while orbax writes
+    def save(self, manager: ocp.CheckpointManager, state: TrainState, data_state: dict) -> None:
+        """Starts an asynchronous save of `state` with the data position `data_state` (an iterator state taken
+        when exactly the packs of steps < state.step had been read)."""
         manager.save(int(state.step), args=ocp.args.Composite(
-            state=ocp.args.PyTreeSave(state), data=grain.checkpoint.CheckpointSave(snapshot)))
+            state=ocp.args.PyTreeSave(state), data=grain.checkpoint.CheckpointSave(_Snapshot(data_state))))
 
     def restore(self, manager: ocp.CheckpointManager, step: int, iterator: data.PackIterator) -> TrainState:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -237,26 +238,29 @@ class Trainer:
         peak = peak_flops(t.peak_tflops)
         local = t.grad_accum * t.micro_batch // jax.process_count()
         bar = tqdm(total=t.steps, initial=start, desc="train", disable=not progress or jax.process_index() > 0)
+        packs = data.next_packs(iterator, local) if start < t.steps else None
         for step in range(start, t.steps):
-            packs = data.next_packs(iterator, local)
             began = time.perf_counter()
-            state, metrics = self.step_fn(state, self.device_batch(packs), self.frozen)
+            state, metrics = self.step_fn(state, self.device_batch(packs), self.frozen)  # runs asynchronously
+            done, data_state = packs, iterator.get_state()
+            if step + 1 < t.steps:
+                packs = data.next_packs(iterator, local)  # the next batch, read while the device computes
             metrics = jax.device_get(metrics)
             seconds = time.perf_counter() - began
-            record = self._record(step + 1, metrics, packs, seconds, step_flops, peak, iterator)
+            record = self._record(step + 1, metrics, done, seconds, step_flops, peak, data_state)
             if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
                 metrics_log.write(record)
                 bar.write(" ".join(f"{k}={_short(v)}" for k, v in record.items() if not isinstance(v, dict)))
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
             bar.update()
             if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
-                self.save(manager, state, iterator)
+                self.save(manager, state, data_state)
         bar.close()
         manager.wait_until_finished()
         manager.close()
         return state
 
-    def _record(self, step, metrics, packs, seconds, step_flops, peak, iterator) -> dict:
+    def _record(self, step, metrics, packs, seconds, step_flops, peak, data_state) -> dict:
         losses = np.asarray(metrics["pack_loss"]).reshape(-1)
         tasks = packs["task"].reshape(-1)
         per_task = {self.tasks[k]: float(losses[tasks == k].mean()) for k in np.unique(tasks)}
@@ -265,7 +269,7 @@ class Trainer:
                   "tokens_per_s": packs["input_ids"].size * jax.process_count() / seconds,
                   "valid_tokens": int(packs["valid"].sum()) * jax.process_count(),
                   "supervised_tokens": int(np.asarray(metrics["pack_tokens"]).sum()),
-                  "step_s": seconds, "dropped": dict(iterator.dropped)}
+                  "step_s": seconds, "dropped": data_state["dropped"]}
         if peak:
             record["mfu"] = step_flops / seconds / (peak * jax.device_count())
         return record
