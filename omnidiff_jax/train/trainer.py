@@ -111,6 +111,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def abstract_state(self) -> TrainState:
+        """Shapes and dtypes of the state (trainable trees: "dream", plus the speech projector if any)."""
         params = {"dream": nn.meta.unbox(abstract_params(self.model_cfg))}
         if self.speech is not None:
             dtype = self.model_cfg.param_dtype  # init_state casts every trainable tree to it
@@ -182,17 +183,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def data_iterator(self) -> data.PackIterator:
+        """This process's stream of packs from the `data` section (sources in name order, at position 0)."""
         d = self.cfg.data
         sources = []
         for name, src in sorted(d.sources.items()):
             sources.append(data.Source(name, data.open_source(Path(d.root) / src.path), src.ratio,
-                                       src.num if src.num > 0 else None, self.tasks.index(src.task)))
+                                       src.num if src.num >= 0 else None, self.tasks.index(src.task)))
         spec = data.PackSpec(d.seq_len, self.layout.pad, d.max_audios, d.max_audio_frames)
         corruption = data.Corruption(self.layout.mask, self.layout.eos, d.tail_max, d.mask_eps, d.special_ratio)
         return data.pack_iterator(sources, spec, corruption, d.seed, jax.process_index(), jax.process_count())
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_manager(self) -> ocp.CheckpointManager:
+        """Asynchronous orbax checkpoints in `workdir`/checkpoints, keeping the last `keep_checkpoints`."""
         t = self.cfg.train
         options = ocp.CheckpointManagerOptions(max_to_keep=t.keep_checkpoints, enable_async_checkpointing=True,
                                                create=True)
@@ -205,6 +208,7 @@ class Trainer:
             state=ocp.args.PyTreeSave(state), data=grain.checkpoint.CheckpointSave(_Snapshot(data_state))))
 
     def restore(self, manager: ocp.CheckpointManager, step: int, iterator: data.PackIterator) -> TrainState:
+        """The state saved at `step`, laid out on the mesh; `iterator` is moved to the saved data position."""
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               self.abstract_state(), self.state_shardings)
         restored = manager.restore(step, args=ocp.args.Composite(
