@@ -333,6 +333,11 @@ head = state.params["dream"]["lm_head"]["kernel"]
 assert jax.device_count() == 8 and head.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
 assert head.addressable_shards[0].data.shape == (32, 192) and batch["labels"].sharding.spec[1] == ("data", "fsdp")
 out.update({"params/" + k: v for k, v in flatten(jax.device_get(state.params)).items()})
+from omnidiff_jax.model import param_shardings
+from omnidiff_jax.train.trainer import load_run_params
+restored = load_run_params(sys.argv[3], shardings={"dream": param_shardings(trainer.model_cfg, trainer.mesh)})
+assert restored["dream"]["lm_head"]["kernel"].sharding.spec == head.sharding.spec
+out.update({"restored/" + k: v for k, v in flatten(jax.device_get(restored)).items()})
 np.savez(sys.argv[2], **out)
 """
 
@@ -341,10 +346,11 @@ def test_sharded_step_equals_single_device(setup, tmp_path):
     """Three steps on 8 fake CPU devices (data 2 x fsdp 2 x tensor 2, in a subprocess) against the same steps
     here on one device: losses, first moments and parameters agree to float32 reduction-order noise."""
     trainer, cfg = setup["trainer"], setup["cfg"]
+    trainer.run(progress=False)  # the trained run whose checkpoint the subprocess restores sharded
     (tmp_path / "cfg.json").write_text(cfg.to_json())
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.Popen([sys.executable, "-c", SHARDED, str(tmp_path / "cfg.json"), str(tmp_path / "out.npz")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", SHARDED, str(tmp_path / "cfg.json"), str(tmp_path / "out.npz"),
+                             cfg.train.workdir], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     initial = init.initial_params(cfg, trainer.model_cfg)
     state, it = trainer.init_state(initial), trainer.data_iterator()
     losses = []
@@ -363,3 +369,5 @@ def test_sharded_step_equals_single_device(setup, tmp_path):
     for key, want in flatten(jax.device_get(state.params)).items():
         np.testing.assert_allclose(sharded["params/" + key], want, rtol=1e-5, atol=1e-6, err_msg=key)
         assert not np.array_equal(want, before[key]), key  # every parameter moved
+    for key, want in flatten(load_run_params(cfg.train.workdir)).items():  # a checkpoint restores sharded
+        np.testing.assert_array_equal(sharded["restored/" + key], want, err_msg=key)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -20,11 +21,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from omnidiff_jax.convert.dream import dream_keymap
 from omnidiff_jax.convert.keymap import flatten, unflatten
 from omnidiff_jax.convert.sources import CheckpointError, open_source
-from omnidiff_jax.model import abstract_params, load_model
+from omnidiff_jax.model import abstract_params, load_model, param_shardings
 from omnidiff_jax.models.dream import Dream, DreamConfig
 
 INIT_KINDS = ("random", "dream", "omni", "checkpoint")
@@ -47,8 +49,9 @@ def resize_vocab(params: dict, vocab_size: int, key: jax.Array, std: float = 0.0
             "lm_head": {"kernel": jnp.concatenate([head, grow_head.astype(head.dtype)], axis=1)}}
 
 
-def load_dream_resized(path: str | Path, cfg: DreamConfig, key: jax.Array) -> dict:
-    """A Hugging Face Dream folder whose shape matches `cfg` except for a smaller vocabulary, resized to it."""
+def load_dream_resized(path: str | Path, cfg: DreamConfig, key: jax.Array, mesh: Mesh | None = None) -> dict:
+    """A Hugging Face Dream folder whose shape matches `cfg` except for a smaller vocabulary, resized to it
+    (float32; with a mesh, read and resized straight into `cfg`'s sharded layout)."""
     config_path = Path(path) / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{path}: not a Dream checkpoint (no config.json)")
@@ -61,26 +64,35 @@ def load_dream_resized(path: str | Path, cfg: DreamConfig, key: jax.Array) -> di
         raise CheckpointError(f"{config_path}: shape does not match the training config: {', '.join(wrong)}")
     base = cfg.replace(vocab_size=int(raw["vocab_size"]))
     target = flatten(nn.meta.unbox(abstract_params(base)))
-    params = unflatten(dream_keymap(base).load(open_source(path), target, dtype=np.float32))
-    return resize_vocab(params, cfg.vocab_size, key)
+    shardings = None if mesh is None else flatten(param_shardings(base, mesh))
+    params = unflatten(dream_keymap(base).load(open_source(path), target, dtype=np.float32, shardings=shardings))
+    resize = functools.partial(resize_vocab, vocab_size=cfg.vocab_size)
+    return jax.jit(resize, out_shardings=None if mesh is None else param_shardings(cfg, mesh))(params, key=key)
 
 
-def initial_params(cfg: ml_collections.ConfigDict, model_cfg: DreamConfig) -> dict:
-    """The trainable parameter tree {"dream": ...} a run starts from, per `cfg.init` (kind, path, seed)."""
+def initial_params(cfg: ml_collections.ConfigDict, model_cfg: DreamConfig, mesh: Mesh | None = None) -> dict:
+    """The trainable parameter trees ({"dream": ...}, plus "audio_projection" when the source has a trained
+    projector) a run starts from, per `cfg.init` (kind, path, seed); laid out on `mesh` when given."""
     kind, key = cfg.init.kind, jax.random.key(cfg.init.seed)
     if kind not in INIT_KINDS:
         raise ValueError(f"init.kind must be one of {INIT_KINDS}, got {kind!r}")
     if kind == "random":
         ids = jnp.zeros((1, 8), jnp.int32)
-        return {"dream": jax.jit(lambda k: nn.meta.unbox(Dream(model_cfg).init(k, ids)["params"]))(key)}
+        init = jax.jit(lambda k: nn.meta.unbox(Dream(model_cfg).init(k, ids)["params"]),
+                       out_shardings=None if mesh is None else param_shardings(model_cfg, mesh))
+        return {"dream": init(key)}
     if kind == "dream":
-        return {"dream": load_dream_resized(cfg.init.path, model_cfg, key)}
+        return {"dream": load_dream_resized(cfg.init.path, model_cfg, key, mesh)}
     if kind == "omni":
-        model = load_model(cfg.init.path, dtype=model_cfg.param_dtype)
+        model = load_model(cfg.init.path, dtype=model_cfg.param_dtype, mesh=mesh)
         if model.config.replace(dtype=model_cfg.dtype, remat_policy=model_cfg.remat_policy,
                                 attention_impl=model_cfg.attention_impl) != model_cfg:
             raise CheckpointError(f"{cfg.init.path}: model {model.config} does not match the training config")
-        return {"dream": model.params}
+        params = {"dream": model.params}
+        if model.speech is not None:
+            params["audio_projection"] = model.speech.params["projector"]
+        return params
     from omnidiff_jax.train.trainer import load_run_params  # a previous stage's run folder
 
-    return load_run_params(cfg.init.path)
+    shardings = None if mesh is None else {"dream": param_shardings(model_cfg, mesh)}
+    return load_run_params(cfg.init.path, shardings=shardings)

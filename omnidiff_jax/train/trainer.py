@@ -230,8 +230,9 @@ class Trainer:
         manager = self.checkpoint_manager()
         latest = manager.latest_step()
         if latest is None:
-            params = initial_params if initial_params is not None else default_params(self.cfg, self.model_cfg)
-            state = self.init_state(params)
+            if initial_params is None:
+                initial_params = default_params(self.cfg, self.model_cfg, self.mesh)
+            state = self.init_state(initial_params)
         else:
             state = self.restore(manager, latest, iterator)
             log.info("resumed from step %d", latest)
@@ -381,9 +382,10 @@ def _write_config(path: Path, cfg: ml_collections.ConfigDict) -> None:
         os.replace(tmp, path)
 
 
-def load_run_params(workdir: str | os.PathLike, step: int | None = None) -> dict:
-    """The trainable parameters ({"dream": ...}, NumPy) of a run folder's latest (or given) complete checkpoint,
-    e.g. to start the next stage or to export with the converter. Reads only the parameters."""
+def load_run_params(workdir: str | os.PathLike, step: int | None = None, shardings: dict | None = None) -> dict:
+    """The trainable parameters ({"dream": ...}) of a run folder's latest (or given) complete checkpoint, e.g. to
+    start the next stage or to export. Reads only the parameters: as NumPy arrays, or as arrays laid out by
+    `shardings` (a tree over some of the saved top-level entries; the rest come back replicated)."""
     folder = (Path(workdir) / "checkpoints").absolute()
     manager = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(read_only=True),
                                     item_handlers={"state": ocp.PyTreeCheckpointHandler(),
@@ -392,10 +394,17 @@ def load_run_params(workdir: str | os.PathLike, step: int | None = None) -> dict
     if step is None:
         raise FileNotFoundError(f"{workdir}: no complete checkpoint under {folder}")
     saved = manager.item_metadata(step)["state"]
-    saved = saved.tree if hasattr(saved, "tree") else saved
-    target = {"params": jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), saved["params"])}
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    saved = (saved.tree if hasattr(saved, "tree") else saved)["params"]
+    if shardings is None:
+        target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), saved)
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    else:
+        mesh = next(iter(jax.tree.leaves(shardings))).mesh
+        layout = {k: shardings.get(k, jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), v))
+                  for k, v in saved.items()}
+        target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), saved, layout)
+        args = ocp.checkpoint_utils.construct_restore_args(target)
     restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(target, as_numpy, partial_restore=True)))
+        state=ocp.args.PyTreeRestore({"params": target}, {"params": args}, partial_restore=True)))
     manager.close()
     return restored["state"]["params"]
