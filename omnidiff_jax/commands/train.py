@@ -14,10 +14,13 @@ from pathlib import Path
 import ml_collections
 
 PREFIX = "--config."
+OVERRIDES = ("Any config field can be overridden: --config.<field>=<value> or --config.<field> <value>, e.g. "
+             "--config.train.steps=100 --config.data.root=/data")
 
 
 def register(group) -> None:
-    train = group("").add_parser("train", help="train the Dream LLM (masked diffusion) per a training config")
+    train = group("").add_parser("train", help="train the Dream LLM (masked diffusion) per a training config",
+                                 epilog=OVERRIDES)
     train.add_argument("--config", required=True, help="a training config file, e.g. configs/stage1.py")
     train.add_argument("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize()")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -29,7 +32,8 @@ def register(group) -> None:
     train.set_defaults(func=run_train)
     _accept_overrides(train)
 
-    prepare = group("data").add_parser("prepare", help="tokenize a config's jsonl sources into training shards")
+    prepare = group("data").add_parser("prepare", help="tokenize a config's jsonl sources into training shards",
+                                       epilog=OVERRIDES)
     prepare.add_argument("--config", required=True, help="a training config file, e.g. configs/stage1.py")
     prepare.add_argument("--source", action="append", help="only this source (repeatable; default: all)")
     prepare.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping")
