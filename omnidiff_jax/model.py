@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from omnidiff_jax import sharding
 from omnidiff_jax.attention import segment_ids_from_positions
 from omnidiff_jax.config import dream_config, get_config, token_layout
+from omnidiff_jax.convert import orbax_io
 from omnidiff_jax.convert.dream import dream_keymap, read_hf_config
 from omnidiff_jax.convert.keymap import flatten, unflatten
 from omnidiff_jax.convert.sources import open_source
@@ -132,13 +133,17 @@ def init_model(config: str = "tiny", seed: int = 0, mesh: Mesh | None = None, **
 
 
 def load_model(path: str | Path, dtype: str | None = None, mesh: Mesh | None = None, **overrides) -> OmniModel:
-    """Loads a reference Hugging Face Dream folder (config.json + safetensors, sharded or not).
+    """Loads a reference Hugging Face Dream folder (config.json + safetensors, sharded or not), or the orbax
+    folder `omnidiff convert import` writes from one.
 
     dtype: 'float32' or 'bfloat16' for parameters and compute (default: the checkpoint's dtype). mesh: load
     straight into the sharded layout (each process reads only the slices its devices hold). overrides:
     DreamConfig fields such as remat_policy or attention_impl.
     """
     path = Path(path)
+    if orbax_io.is_checkpoint(path):
+        from omnidiff_jax.convert.omni import load_orbax_model
+        return load_orbax_model(path, dtype, mesh, **overrides)
     cfg, layout, raw = read_hf_config(path)
     if dtype is not None:
         overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}

@@ -1,0 +1,147 @@
+"""End to end: every task from a converted tiny checkpoint (Dream + SenseVoice + projector, imported to orbax),
+a tiny MAGVIT-v2 and a tiny GLM-4-Voice decoder, with the real images and speech from ../shared/assets."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from omnidiff_jax import cli
+from omnidiff_jax.config import dream_config, token_layout
+from omnidiff_jax.configs.base import model_config
+from omnidiff_jax.convert.dream import hf_config
+from omnidiff_jax.convert.omni import import_checkpoint
+from omnidiff_jax.models.magvit import MagvitConfig
+from omnidiff_jax.pipeline import Pipeline
+from omnidiff_jax.tasks import PRESETS, build_prompt
+from omnidiff_jax.text_tokenizer import ByteTokenizer
+from torch_ref import dream as dream_ref
+from torch_ref import glm4voice_decoder as decoder_ref
+from torch_ref import sensevoice as speech_ref
+from torch_ref.magvit import random_magvit
+
+FAST = {"steps": 6}  # every request also runs its task preset, with fewer steps to keep the suite quick
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    # the tiny Dream, with MAGVIT-v2's 8192 image codes in its vocabulary (the tokenizer's LFQ is always 13 bits)
+    cfg = model_config(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, num_text=211,
+                       num_audio_codes=64, num_image_codes=8192, rope_theta=10_000.0)
+    c = hf_config(dream_config(cfg), token_layout(cfg), "float32")
+    c["omnidiff_speech"] = dict(output_size=32, num_heads=2, linear_units=64, num_blocks=3, tp_blocks=2)
+    sv, proj = speech_ref.random_speech(speech_ref.tiny_config(), c["hidden_size"])
+    dream_ref.save_hf(dream_ref.random_dream(c), root / "hf", c, extra=speech_ref.omni_state(sv, proj))
+    import_checkpoint(root / "hf", root / "converted", progress=False)
+    magvit = random_magvit(dataclasses.asdict(MagvitConfig.tiny()))
+    (root / "magvit").mkdir()
+    save_file({k: v.contiguous() for k, v in magvit.state_dict().items()}, str(root / "magvit" /
+                                                                            "pytorch_model.safetensors"))
+    decoder_ref.save_decoder(root / "decoder", decoder_ref.random_flow(), decoder_ref.random_hift())
+    return {"model": root / "converted", "image_tokenizer": root / "magvit", "speech_decoder": root / "decoder"}
+
+
+@pytest.fixture(scope="module")
+def pipe(paths):
+    return Pipeline.load(paths["model"], image_tokenizer=paths["image_tokenizer"],
+                         speech_decoder=paths["speech_decoder"])
+
+
+def test_every_task_end_to_end(pipe, assets):
+    requests = [
+        {"task": "t2i", "text": "a red apple", **FAST},
+        {"task": "s2i", "audio": str(assets / "s2i_0.wav"), **FAST},
+        {"task": "vqa", "text": "What is in the picture?", "image": str(assets / "vqa_0.png"), **FAST},
+        {"task": "svqa", "audio": str(assets / "svqa_0.wav"), "image": str(assets / "svqa_0.jpg"), **FAST},
+        {"task": "tts", "text": "hello world", **FAST},
+        {"task": "asr", "audio": str(assets / "asr_0.wav"), **FAST},
+    ]
+    results = pipe.run(requests)
+    for req, res in zip(requests, results):
+        assert res["error"] is None, (req["task"], res["error"])
+        assert len(res["ids"]) == PRESETS[req["task"]].gen_length
+    for res in results[:2]:  # image tasks: a 256 x 256 RGB picture from exactly 256 codes
+        assert res["image"].shape == (256, 256, 3) and res["image"].dtype == np.uint8
+    tts = results[4]
+    if tts["audio_codes"]:  # random weights may emit no speech code; then a warning says so
+        assert tts["sample_rate"] == 22050 and tts["wav"].ndim == 1 and np.isfinite(tts["wav"]).all()
+    else:
+        assert "no speech codes were generated" in tts["warnings"]
+    # determinism: the same requests give the same tokens
+    again = pipe.run(requests[:1] + requests[5:])
+    assert again[0]["ids"] == results[0]["ids"] and again[1]["ids"] == results[5]["ids"]
+
+
+def test_prompts_equal_the_reference_token_sequences(pipe, assets):
+    """Each task's prompt, built by hand from the spec (§2.1-2.2) with the same byte tokenizer."""
+    lay = pipe.model.layout
+    enc = ByteTokenizer(lay.num_text).encode
+    head = lambda role: [lay.im_start, *enc(f"{role}\n")]  # noqa: E731
+    tail = [lay.im_end, *enc("\n"), lay.im_start, *enc("assistant\n")]
+    audio = lambda n: [lay.begin_of_audio] + [lay.context_of_audio] * (n + 4) + [lay.end_of_audio]  # noqa: E731
+    image = lambda codes: [lay.begin_of_image, *(lay.image_code_start + np.asarray(codes)), lay.end_of_image]  # noqa
+    system = lambda text: [lay.im_start, *enc(f"system\n{text}"), lay.im_end, *enc("\n")]  # noqa: E731
+    codes = np.arange(16) % lay.num_image_codes
+    want = {
+        "t2i": head("user") + enc("Generate an image based on the provided text description.\nsky") + tail,
+        "vqa": head("user") + enc("Why?\n") + image(codes) + tail,
+        "tts": head("user") + enc("Convert the text to speech.\nsky") + tail,
+        "asr": head("user") + enc("Convert the speech to text.\n") + audio(7) + tail,
+        "s2i": system("Please generate an image based on the input audio.") + head("user") + enc("\n") + audio(7)
+        + tail,
+        "svqa": system("Please response the input audio based on the given image.") + head("user") + audio(7)
+        + enc("\n") + image(codes) + tail,
+    }
+    from omnidiff_jax.tasks import task_content
+    for task, ids in want.items():
+        preset = PRESETS[task]
+        content = task_content(task, {"t2i": "sky", "tts": "sky", "vqa": "Why?"}.get(task))
+        got = build_prompt(pipe.tokenizer, lay, content=content, system=preset.system,
+                           image_codes=[codes] * content.count("<|image|>"),
+                           audio_frames=[7] * content.count("<|audio|>"))
+        assert got.ids.tolist() == [int(i) for i in ids], task
+    # the speech features land on the <|context_of_audio|> slots of an ASR prompt
+    prompt = pipe._prepare(0, {"task": "asr", "audio": str(assets / "svqa_0.wav")}).prompt
+    slots = np.flatnonzero(prompt.ids == lay.context_of_audio)
+    assert prompt.embed_positions.tolist() == slots.tolist() and len(prompt.embeds) == len(slots)
+
+
+def test_jsonl_batch_with_mixed_tasks_and_bad_requests(paths, assets, tmp_path, capsys):
+    batch = tmp_path / "requests.jsonl"
+    lines = [
+        {"id": "img", "task": "t2i", "text": "a cat", **FAST},
+        {"id": "missing", "task": "asr", "audio": str(tmp_path / "nope.wav"), **FAST},
+        {"id": "wrong-kind", "task": "asr", "audio": str(assets / "vqa_0.png"), **FAST},
+        {"id": "unknown", "task": "paint", "text": "x"},
+        {"id": "speech", "task": "tts", "text": "hi", **FAST},
+        {"id": "too-long", "task": "tts", "text": "a" * 131072, **FAST},
+    ]
+    batch.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "out"
+    code = cli.main(["generate", "--model", str(paths["model"]), "--image-tokenizer", str(paths["image_tokenizer"]),
+                     "--speech-decoder", str(paths["speech_decoder"]), "--requests", str(batch), "--out", str(out)])
+    assert code == 1  # some requests failed; the rest completed
+    manifest = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    by_id = {m["id"]: m for m in manifest}
+    assert [m["id"] for m in manifest] == [x["id"] for x in lines]
+    assert by_id["img"]["error"] is None
+    with Image.open(out / by_id["img"]["image"]) as im:
+        assert im.size == (256, 256) and im.mode == "RGB"
+    assert "does not exist" in by_id["missing"]["error"]
+    assert "vqa_0.png" in by_id["wrong-kind"]["error"]
+    assert "unknown task 'paint'" in by_id["unknown"]["error"]
+    assert "exceeds the model's 131072 positions" in by_id["too-long"]["error"]
+    speech = by_id["speech"]
+    assert speech["error"] is None
+    if speech["wav"]:
+        info = sf.info(str(out / speech["wav"]))
+        assert info.samplerate == 22050 and info.frames > 0
+    # the output folder is not overwritten without --force
+    assert cli.main(["generate", "--model", str(paths["model"]), "--task", "t2i", "--text", "x", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
