@@ -201,6 +201,27 @@ def test_mask_rates_and_tail_lengths():
     assert min(tails) == 1 and max(tails) == 16 and abs(np.mean(tails) - 8.5) < 0.5
 
 
+def test_per_sample_noise_masks_every_level_up_to_all():
+    """noise="per_sample": one masking level per sample, so fully masked answers occur; the reference's per-token
+    draw practically never masks a 150-token answer whole."""
+    body = np.arange(200, dtype=np.int32) % LAYOUT.num_text
+    sample = {"input_ids": body, "targets": np.concatenate([np.full(50, -100), body[50:]]).astype(np.int32)}
+    rng = np.random.default_rng(1)
+    fractions = {}
+    for noise in ("per_token", "per_sample"):
+        corruption = data.Corruption(LAYOUT.mask, LAYOUT.eos, noise=noise)
+        fractions[noise] = np.array([(corruption(sample, rng)["input_ids"][50:200] == LAYOUT.mask).mean()
+                                     for _ in range(300)])
+        out = corruption(sample, rng)
+        probs = out["mask_prob"][50:200]
+        assert (len(set(probs.tolist())) == 1) == (noise == "per_sample")
+    assert fractions["per_token"].max() < 0.7 and fractions["per_token"].min() > 0.3
+    assert fractions["per_sample"].max() > 0.95 and fractions["per_sample"].min() < 0.05
+    assert abs(fractions["per_sample"].mean() - 0.5) < 0.06
+    with pytest.raises(ValueError, match="noise must be"):
+        data.Corruption(LAYOUT.mask, LAYOUT.eos, noise="per_word")
+
+
 def corrupted_stream(count, seed=0):
     rng = np.random.default_rng(seed)
     corruption = data.Corruption(LAYOUT.mask, LAYOUT.eos)

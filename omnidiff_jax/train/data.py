@@ -206,20 +206,32 @@ def decode_sample(data: bytes) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------- corruption
 @dataclasses.dataclass(frozen=True)
 class Corruption:
-    """The reference's forward process: tail of 1..tail_max eos, per-token noise, eos masked at special_ratio."""
+    """The reference's forward process: tail of 1..tail_max eos, per-token noise, eos masked at special_ratio.
+
+    noise="per_token" is the reference: every position draws its own t, so each supervised token is masked with
+    probability ~0.5 independently and a fully masked answer is practically never seen. noise="per_sample" (the
+    MDLM/Dream-pretraining draw, an extension) uses one t per sample, so all masking levels up to a fully masked
+    answer, the sampler's starting point, are trained; small models learn to generate from scratch with it.
+    """
 
     mask_id: int
     eos_id: int
     tail_max: int = 16
     eps: float = 1e-3
     special_ratio: float = 0.6
+    noise: str = "per_token"
+
+    def __post_init__(self):
+        if self.noise not in ("per_token", "per_sample"):
+            raise ValueError(f"noise must be 'per_token' (the reference) or 'per_sample', got {self.noise!r}")
 
     def draw(self, rng: np.random.Generator, input_ids: np.ndarray, targets: np.ndarray):
         """(tail length, t, r) in the reference's draw order; t and r cover first..last supervised position."""
         tail = 0 if (input_ids == self.eos_id).any() else int(rng.integers(1, self.tail_max + 1))
         eligible = np.flatnonzero(np.concatenate([targets, np.full(tail, self.eos_id)]) != IGNORE)
         n = int(eligible[-1] - eligible[0] + 1) if len(eligible) else 0
-        return tail, rng.random(n, dtype=np.float32), rng.random(n, dtype=np.float32)
+        t = rng.random(n if self.noise == "per_token" else 1, dtype=np.float32)
+        return tail, np.broadcast_to(t, (n,)), rng.random(n, dtype=np.float32)
 
     def apply(self, input_ids: np.ndarray, targets: np.ndarray, tail: int, t: np.ndarray, r: np.ndarray):
         """-> (input ids with <|mask|>, labels (-100 unless masked), mask probability per position [float32])."""

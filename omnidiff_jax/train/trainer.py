@@ -190,7 +190,8 @@ class Trainer:
             sources.append(data.Source(name, data.open_source(Path(d.root) / src.path), src.ratio,
                                        src.num if src.num >= 0 else None, self.tasks.index(src.task)))
         spec = data.PackSpec(d.seq_len, self.layout.pad, d.max_audios, d.max_audio_frames)
-        corruption = data.Corruption(self.layout.mask, self.layout.eos, d.tail_max, d.mask_eps, d.special_ratio)
+        corruption = data.Corruption(self.layout.mask, self.layout.eos, d.tail_max, d.mask_eps, d.special_ratio,
+                                     d.noise)
         return data.pack_iterator(sources, spec, corruption, d.seed, jax.process_index(), jax.process_count())
 
     # ------------------------------------------------------------------ checkpoints
