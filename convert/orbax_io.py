@@ -8,7 +8,8 @@ A checkpoint folder holds
 
 `writing(dst)` builds the folder in a temporary sibling of `dst` and renames it into place only when everything
 is on disk, so an interrupted write never leaves a folder that looks like a checkpoint. Parameters are added a
-few leaves at a time (orbax partial saves), so a 16 GB model is written without ever being whole in memory.
+few leaves at a time (orbax's partial saves, `orbax.checkpoint.experimental.v1.partial`), each written in the
+background while the caller builds the next, so a 16 GB model is written without ever being whole in memory.
 `restore` reads any subset of the leaves, each straight into its sharding (every process reads only the slices
 its devices hold), in the dtype asked for.
 """
@@ -19,8 +20,8 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import secrets
+import shutil
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -36,7 +37,7 @@ PARAMS_DIR = "params"
 FILES_DIR = "hf"
 FORMAT = "omnidiff-orbax"
 VERSION = 1
-_RESTORE_BYTES = 1 << 30
+_RESTORE_BYTES = 1 << 30  # read per orbax call, bounding the host memory in transit
 
 
 def _context(partial_load: bool = False) -> ocp.Context:

@@ -1,0 +1,210 @@
+"""Benchmark: checkpoint conversion at scale. A synthetic bf16 checkpoint in the released model's key layout (real
+widths, fewer layers, every speech-input key; >= 1.5B parameters, several safetensors shards) is imported to orbax
+and exported back; each phase runs in its own process, with the page cache of its input dropped first, and
+reports wall time, peak RSS (VmHWM) and throughput beside the raw read speed of the same files. Goals: import
+peak RSS <= 1.5 x the largest shard + 1 GB; import throughput >= 50% of the raw read speed. Files are deleted.
+
+    python scripts/bench_convert.py [--layers 2] [--shard-gb 2] [--workdir /tmp] [--json out/bench_convert.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import benchlib
+import ml_dtypes
+import numpy as np
+
+from omnidiff_jax.convert.sources import write_safetensors
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+H, HEADS, KV, FF, VOCAB = 3584, 28, 4, 18944, 176264  # shared/spec/model.md §0
+
+
+def reference_keys(layers: int) -> dict[str, tuple[int, ...]]:
+    """Every key and shape of the released checkpoint (shared/spec/model.md §6), with `layers` LLM layers."""
+    kv = H // HEADS * KV
+    keys = {"model.embed_tokens.weight": (VOCAB, H), "model.norm.weight": (H,), "lm_head.weight": (VOCAB, H)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        keys.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+                     p + "self_attn.q_proj.weight": (H, H), p + "self_attn.q_proj.bias": (H,),
+                     p + "self_attn.k_proj.weight": (kv, H), p + "self_attn.k_proj.bias": (kv,),
+                     p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.v_proj.bias": (kv,),
+                     p + "self_attn.o_proj.weight": (H, H), p + "mlp.gate_proj.weight": (FF, H),
+                     p + "mlp.up_proj.weight": (FF, H), p + "mlp.down_proj.weight": (H, FF)})
+    p = "model.audio_projection."
+    keys.update({p + "pre_proj_layernorm.weight": (512,), p + "pre_proj_layernorm.bias": (512,),
+                 p + "mlp.0.weight": (H, 512), p + "mlp.2.weight": (H, H)})
+    p = "model.audio_model.model."
+    keys.update({p + "embed.weight": (16, 560), p + "ctc.ctc_lo.weight": (25055, 512), p + "ctc.ctc_lo.bias": (25055,)})
+    for norm in ("after_norm", "tp_norm"):
+        keys.update({f"{p}encoder.{norm}.weight": (512,), f"{p}encoder.{norm}.bias": (512,)})
+    blocks = [("encoders0.0", 560)] + [(f"encoders.{i}", 512) for i in range(49)] + \
+             [(f"tp_encoders.{i}", 512) for i in range(20)]
+    for name, width in blocks:
+        b = f"{p}encoder.{name}."
+        keys.update({b + "self_attn.linear_q_k_v.weight": (1536, width), b + "self_attn.linear_q_k_v.bias": (1536,),
+                     b + "self_attn.linear_out.weight": (512, 512), b + "self_attn.linear_out.bias": (512,),
+                     b + "self_attn.fsmn_block.weight": (512, 1, 11), b + "feed_forward.w_1.weight": (2048, 512),
+                     b + "feed_forward.w_1.bias": (2048,), b + "feed_forward.w_2.weight": (512, 2048),
+                     b + "feed_forward.w_2.bias": (512,), b + "norm1.weight": (width,), b + "norm1.bias": (width,),
+                     b + "norm2.weight": (512,), b + "norm2.bias": (512,)})
+    return keys
+
+
+class _Random:
+    """A bf16 tensor of random bits, made only when `write_safetensors` asks for its data."""
+
+    def __init__(self, shape, seed):
+        self.shape, self.dtype, self.seed = shape, BF16, seed
+
+    def __array__(self, dtype=None, copy=None):
+        n = int(np.prod(self.shape))
+        return np.frombuffer(np.random.default_rng(self.seed).bytes(2 * n), np.uint16).view(BF16).reshape(self.shape)
+
+
+def generate(folder: Path, layers: int, shard_bytes: int) -> None:
+    """Writes config.json, tokenizer_config.json and shards <= shard_bytes with an index, streaming."""
+    from omnidiff_jax.convert.dream import hf_config
+    from omnidiff_jax.models.dream import DreamConfig
+    from omnidiff_jax.vocab import TokenLayout
+    folder.mkdir(parents=True)
+    cfg = DreamConfig(VOCAB, H, layers, HEADS, KV, FF, dtype="bfloat16", param_dtype="bfloat16")
+    (folder / "config.json").write_text(json.dumps(hf_config(cfg, TokenLayout(), "bfloat16")))
+    (folder / "tokenizer_config.json").write_text("{}")
+    shards, size = [[]], 0
+    for key, shape in reference_keys(layers).items():
+        nbytes = int(np.prod(shape)) * 2
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, shape))
+        size += nbytes
+    weight_map = {}
+    for n, shard in enumerate(shards):
+        name = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(folder / name, {k: _Random(s, zlib.crc32(k.encode())) for k, s in shard}, {"format": "pt"})
+        weight_map.update({k: name for k, _ in shard})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def drop_cache(folder: Path) -> None:
+    """Flushes and evicts `folder`'s files from the page cache, so the next phase reads them from disk."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def phase(name: str, src: str, dst: str) -> dict:
+    """Runs one phase in this process; returns seconds, bytes and peak RSS."""
+    start = time.perf_counter()
+    if name == "raw_read":
+        nbytes, buf = 0, bytearray(64 << 20)
+        for path in sorted(Path(src).glob("*.safetensors")):
+            with open(path, "rb", buffering=0) as f:
+                while n := f.readinto(buf):
+                    nbytes += n
+    elif name == "import":
+        from omnidiff_jax.convert.omni import import_checkpoint
+        nbytes = import_checkpoint(src, dst).nbytes
+    elif name == "export":
+        from omnidiff_jax.convert.omni import export_checkpoint
+        nbytes = export_checkpoint(src, dst).nbytes
+    elif name in ("load_orbax", "load_direct"):  # the whole model into device (here: CPU) memory
+        import jax
+        from omnidiff_jax.convert.omni import load_orbax_model
+        from omnidiff_jax.model import load_model
+        model = (load_orbax_model if name == "load_orbax" else load_model)(src)
+        nbytes = sum(x.nbytes for x in jax.tree.leaves(jax.block_until_ready(model.params)))
+    seconds = time.perf_counter() - start
+    status = Path("/proc/self/status").read_text()
+    hwm = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) * 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"seconds": seconds, "bytes": nbytes, "peak_rss_bytes": hwm, "cpu_seconds": usage.ru_utime + usage.ru_stime}
+
+
+def run_phase(name: str, src: Path, dst: Path | None = None) -> dict:
+    drop_cache(src)
+    out = subprocess.run([sys.executable, __file__, "--phase", name, str(src), str(dst or "")],
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"phase {name} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def verify(src: Path, back: Path) -> int:
+    """Counts the exported tensors, checking each is bit-identical to the source."""
+    from omnidiff_jax.convert.sources import safetensors_folder
+    a, b = safetensors_folder(src), safetensors_folder(back)
+    for key in b:
+        if not np.array_equal(a[key].read().view(np.uint8), b[key].read().view(np.uint8)):
+            raise SystemExit(f"round trip changed {key}")
+    return len(b)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=2, help="LLM layers at the real width (2 -> 1.98B parameters)")
+    ap.add_argument("--shard-gb", type=float, default=2.0, help="largest source shard, GB")
+    ap.add_argument("--workdir", default=tempfile.gettempdir())
+    ap.add_argument("--json", default="out/bench_convert.json")
+    ap.add_argument("--phase", nargs=3, metavar=("NAME", "SRC", "DST"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.phase:
+        print(json.dumps(phase(*args.phase)))
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="bench_convert-", dir=args.workdir))
+    src, ox, back = work / "hf", work / "orbax", work / "hf_back"
+    try:
+        start = time.perf_counter()
+        generate(src, args.layers, int(args.shard_gb * 1e9))
+        shards = sorted(src.glob("*.safetensors"))
+        largest = max(p.stat().st_size for p in shards)
+        params = sum(int(np.prod(s)) for s in reference_keys(args.layers).values())
+        print(f"generated {params / 1e9:.2f}B parameters in {len(shards)} shards (largest {largest / 1e9:.2f} GB) "
+              f"in {time.perf_counter() - start:.0f} s", flush=True)
+        results = {"raw_read": run_phase("raw_read", src), "import": run_phase("import", src, ox),
+                   "export": run_phase("export", ox, back), "load_orbax": run_phase("load_orbax", ox),
+                   "load_direct": run_phase("load_direct", src)}
+        tensors = verify(src, back)
+        print(f"round trip: {tensors} exported tensors bit-identical to the source", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    raw = results["raw_read"]["bytes"] / results["raw_read"]["seconds"]
+    rows = []
+    for name, r in results.items():
+        speed = r["bytes"] / r["seconds"]
+        rows.append({"phase": name, "seconds": r["seconds"], "GB": r["bytes"] / 1e9, "GB_per_s": speed / 1e9,
+                     "vs_raw_read": speed / raw, "peak_rss_GB": r["peak_rss_bytes"] / 1e9,
+                     "cpu_s_per_GB": r["cpu_seconds"] / (r["bytes"] / 1e9)})
+    goal_rss = 1.5 * largest + 1e9
+    imp = results["import"]
+    rows.append({"phase": "goals (import)", "vs_raw_read": f"{imp['bytes'] / imp['seconds'] / raw:.2f} (>=0.5)",
+                 "peak_rss_GB": f"{imp['peak_rss_bytes'] / 1e9:.2f} (<={goal_rss / 1e9:.2f})"})
+    load = os.getloadavg()[0]
+    benchlib.report(f"Checkpoint conversion: {params / 1e9:.2f}B parameters bf16, {len(shards)} shards, largest "
+                    f"{largest / 1e9:.2f} GB; {tensors} tensors round-tripped bit-identical; {os.cpu_count()} CPUs, "
+                    f"load average {load:.1f} at the end", rows,
+                    ["phase", "seconds", "GB", "GB_per_s", "vs_raw_read", "peak_rss_GB", "cpu_s_per_GB"], args.json)
+
+
+if __name__ == "__main__":
+    main()
