@@ -255,15 +255,17 @@ class _Payload:
         return os.makedirs, (self.marker,)
 
 
-def test_pickles_load_weights_only(ref, tmp_path):
+def test_single_files_and_pickles_weights_only(ref, tmp_path):
     config, model, _ = ref
+    want = model.model.norm.weight.detach().numpy()
+    single = _save(tmp_path / "st", dict(model.state_dict()), config) / "model.safetensors"
     good = tmp_path / "pt"
     good.mkdir()
     torch.save(model.state_dict(), good / "model.pt")
     (good / "config.json").write_text(json.dumps(config))
-    import_checkpoint(good / "model.pt", tmp_path / "from_pt")
-    np.testing.assert_array_equal(np.asarray(load_orbax_model(tmp_path / "from_pt").params["norm"]["weight"]),
-                                  model.model.norm.weight.detach().numpy())
+    for n, path in enumerate((single, good / "model.pt")):  # config.json is read from beside the file
+        import_checkpoint(path, tmp_path / f"out{n}")
+        np.testing.assert_array_equal(np.asarray(load_orbax_model(tmp_path / f"out{n}").params["norm"]["weight"]), want)
 
     evil = tmp_path / "evil"
     evil.mkdir()
