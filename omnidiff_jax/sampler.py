@@ -531,8 +531,16 @@ def _decide(logits, tokens, step: _Step, j, knobs: _Knobs, noise: _Noise, *, mas
 
 
 def _round(x, dtype):
-    """Rounds a float32 intermediate to the logits dtype, where the reference's bf16 math rounds."""
-    return x.astype(dtype).astype(jnp.float32)
+    """Rounds a float32 intermediate to the logits dtype, where the reference's bf16 math rounds.
+
+    For bfloat16 this is round-to-nearest-even on the bits: a cast pair would be folded away under jit, since XLA
+    may keep excess precision."""
+    x = x.astype(jnp.float32)
+    if dtype != jnp.bfloat16:
+        return x.astype(dtype).astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    bits = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1))) & jnp.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
 def _top_k(x, count: int, vocab_axes):

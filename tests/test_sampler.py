@@ -15,6 +15,8 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -22,7 +24,8 @@ import torch
 import omnidiff_jax
 from omnidiff_jax import adaptive_length
 from omnidiff_jax.prefix_cache import run_layers
-from omnidiff_jax.sampler import MAX_POSITIONS, Prompt, _program, _Static, boa_index, sample, schedule
+from omnidiff_jax.sampler import (ALGS, MAX_POSITIONS, Prompt, _Knobs, _program, _sample_rows, _Static, boa_index,
+                                  sample, schedule)
 from torch_ref import dream as dream_ref
 from torch_ref.sampler import reference_sample, sample_tokens, top_p_filter
 
@@ -76,6 +79,30 @@ def test_tokens_match_the_reference_loop(setup, alg, blocks, penalties, boa, cfg
                  cfg_compat=True, **options)[0]
     assert got.dtype == np.int32 and got.shape == (N,)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("alg", ["maskgit_plus", "topk_margin", "entropy", "entropy-penalty"])
+def test_sampling_math_on_bfloat16_logits_is_bit_exact(alg):
+    # The released model's logits are bf16 and the reference does the whole filter/penalty/softmax/entropy chain
+    # in bf16: feed the same bf16 rows to both (130 rows, so the position penalty acts).
+    rng = np.random.default_rng(0)
+    logits = (rng.normal(size=(130, 384)) * 3).astype(np.float32)
+    past = torch.tensor([5, 7, 9, 0, 234, 100])  # 0 and the mask id are never penalised
+    generated = np.zeros((1, 384), bool)
+    generated[0, [5, 7, 9, 100]] = True
+    penalty = 1.5 if alg == "entropy-penalty" else 1.0
+    want_conf, want_x0 = sample_tokens(
+        torch.tensor(logits).to(torch.bfloat16), 0.0, 0.9, 50, margin=alg == "topk_margin",
+        neg_entropy=alg.startswith("entropy"), repeat_penalty=penalty, max_position_penalty=2.0, past_x=past,
+        mask_id=234)
+    knobs = _Knobs(alg=np.int32(ALGS.index(alg)), temperature=np.float32(0), top_p=np.float32(0.9),
+                   alg_temp=np.float32(0), cfg=np.float32(0), repeat_penalty=np.float32(penalty),
+                   max_position_penalty=np.float32(2.0))
+    rows = jax.jit(_sample_rows, static_argnums=(5, 7))
+    x0, conf = rows(jnp.asarray(logits, jnp.bfloat16)[None], jnp.ones((1, 130), bool), generated, knobs,
+                    np.float32(penalty), 50, jnp.zeros((1, 130, 66)), None)
+    np.testing.assert_array_equal(np.asarray(x0[0]), want_x0.numpy())
+    np.testing.assert_array_equal(np.asarray(conf[0], np.float32), want_conf.float().numpy())
 
 
 def transfer_counts(gen_length, steps, boa=False):
