@@ -14,13 +14,15 @@ Per row, as the reference does it for one prompt:
 How it is compiled: every row's prompt is left-padded so that all generation regions start at the same column
 G, and padding sits in its own attention segment, so a row's logits do not depend on its neighbours. Lengths
 are rounded up to buckets (at most 25% over), so prompts and generation lengths within a bucket reuse one
-program. The step schedule (block bounds, the float32 ratios 1 - t[i+1]/t[i], the last-step flags) is a
-per-row table computed on the host with the reference's float32 arithmetic; the transfer count k is computed
-on device from the live mask count, which reproduces the reference even when a block runs dry. The whole loop
-is a `lax.while_loop` over a `SamplerState`; only the model shape, top_k, CFG on/off, the prefix cache and
-history recording are compile-time constants. Only the logits of the generation window are computed, and
-every filter works on the top (top_k + 16) candidates of each row instead of sorting the vocabulary: the
-reference's filtered distribution has at most top_k (plus ties) non-zero entries, so this is exact.
+program, whatever the step counts. The step schedule (block bounds, the float32 ratios 1 - t[i+1]/t[i], the
+last-step flags) is a per-row table computed on the host with the reference's float32 arithmetic; the transfer
+count k is computed on device from the live mask count, which reproduces the reference even when a block runs
+dry. The whole loop is a `lax.while_loop` over a `SamplerState`; only the model shape, top_k, CFG on/off, the
+prefix cache and history recording are compile-time constants. Only the logits of the generation window are
+computed, and every filter works on the top (top_k + 16) candidates of each row instead of sorting the
+vocabulary: the reference's filtered distribution has at most top_k (plus ties) non-zero entries, so this is
+exact. Under a mesh the per-row update runs in `shard_map`, rows split like the batch and logits like the
+vocabulary, so only each row's candidates cross devices.
 
 Deliberate differences from the reference, all documented at `sample`:
 - batch rows are independent (the reference pools the mask count, the repeat-penalty ids and the position
@@ -74,7 +76,7 @@ class SamplerState:
 
     tokens: jax.Array  # [B, Nb] int32
     step: jax.Array  # [] int32, the global step (the same for every row)
-    history: jax.Array  # [T, B, Nb] tokens after each step, or [0, B, Nb] when not recorded
+    history: jax.Array  # [Nb, B, Nb] tokens after each step, or [0, B, Nb] when not recorded
     steps_run: jax.Array  # [B] steps each row has run (a row stops when no mask is left, as the reference breaks)
     cache: Any  # (k, v), each [layers, R, G - 1, kv_heads, head_dim], or None without the prefix cache
 
@@ -91,12 +93,13 @@ class _Inputs:
     positions: jax.Array  # [R, L] RoPE positions
     segments: jax.Array  # [R, L] 0 = the row's real sequence, 1 = padding
     tokens: jax.Array  # [B, Nb] the initial generation regions (mask, BOA prefill, 0 beyond N_r)
-    block_lo: jax.Array  # [B, T] the step's block, as generation-region indices [lo, hi)
-    block_hi: jax.Array  # [B, T]
-    ratio: jax.Array  # [B, T] float32 1 - t[i+1] / t[i]
-    last: jax.Array  # [B, T] the block's last step
-    active: jax.Array  # [B, T] the row runs this step
-    refresh: jax.Array  # [B, T] a block starts (the prefix cache is recomputed)
+    # per row and step ([B, Nb]: a row runs at most N steps)
+    block_lo: jax.Array  # the step's block, as generation-region indices [lo, hi)
+    block_hi: jax.Array
+    ratio: jax.Array  # float32 1 - t[i+1] / t[i]
+    last: jax.Array  # the block's last step
+    active: jax.Array  # the row runs this step
+    refresh: jax.Array  # a block starts (the prefix cache is recomputed)
     num_steps: jax.Array  # [] int32
 
 
@@ -351,8 +354,9 @@ def _plan(model: OmniModel, prompts: list[Prompt], uncond: list[Prompt] | None, 
             tokens[r, boa_index(p[r], n)] = model.layout.begin_of_audio
         plans.append(schedule(n, steps[r], block_size, boa_prefill))
     num_steps = max(len(s) for s in plans)
-    t = max(16, 1 << (num_steps - 1).bit_length())  # the loop runs num_steps; the table only needs room
-    table = {name: np.zeros((b, t), dtype) for name, dtype in (
+    # A row never runs more than N steps (S_b <= len_b), so Nb columns hold any schedule: changing `steps`
+    # does not recompile.
+    table = {name: np.zeros((b, nb), dtype) for name, dtype in (
         ("block_lo", np.int32), ("block_hi", np.int32), ("ratio", np.float32), ("last", bool), ("active", bool),
         ("refresh", bool))}
     for r, plan in enumerate(plans):
