@@ -3,8 +3,9 @@
 # preinstalled; other wheels travel in .wheels/, made here with `scripts/gpu_check.sh --download`).
 #   here:    bash scripts/gpu_check.sh --download
 #   device:  run(command="bash scripts/gpu_check.sh", carry=[".wheels"], timeout_s=480)
-# Runs the parity tests on the GPU (fp32), then scripts/gpu_check.py (bf16 backends, timings), and prints a
-# table; finishes in well under 8 minutes.
+# Runs the parity tests on the GPU (fp32), scripts/gpu_check.py (bf16 attention backends, forward timings), the
+# training MFU of a Dream-7B-shaped slice (full width, 4 layers, sequence 3072) and the sampler on a 7B-shaped
+# slice; prints tables. Each stage has its own time limit; the whole finishes in under 8 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--download" ]]; then
@@ -19,5 +20,7 @@ pip install --quiet --no-index --find-links .wheels ml_collections grain soxr so
   2>&1 | tail -2 || true
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 export JAX_PLATFORMS=cuda
-timeout 240 python -m pytest tests/test_dream.py -q -x 2>&1 | tail -5 | tee "$out/gpu_parity.txt"
-timeout 240 python scripts/gpu_check.py --json "$out/gpu_check.json"
+timeout 120 python -m pytest tests/test_dream.py -q -x 2>&1 | tail -5 | tee "$out/gpu_parity.txt"
+timeout 150 python scripts/gpu_check.py --json "$out/gpu_check.json" || echo "gpu_check.py: failed or timed out"
+timeout 120 python scripts/bench_train.py --config omni_diffusion_7b --layers 4 --seq-len 3072 --packs 1 --bf16 \
+  --remat full --no-torch --reps 3 --json "$out/gpu_train.json" || echo "bench_train.py: failed or timed out"
