@@ -88,20 +88,25 @@ def test_mel_frames_is_the_reference_float32_rule():
     assert [int(mel_frames(k)) for k in (10, 37, 50, 123)] == [68, 254, 344, 847]
 
 
+def released_keys(name):
+    """{key: shape} from shared/spec/keys/glm4voice_{name}.txt (lines `key (d0, d1) float32`)."""
+    lines = (KEYS / f"glm4voice_{name}.txt").read_text().splitlines()
+    rows = [re.fullmatch(r"(\S+) \(([\d, ]*)\) float32", ln) for ln in lines if ln.strip() and ln[0] != "#"]
+    return {m[1]: tuple(int(x) for x in re.findall(r"\d+", m[2])) for m in rows}
+
+
 def test_released_config_and_key_lists(tmp_path):
     """The released config.yaml parses to our defaults, and our key maps accept exactly the released key lists."""
     (tmp_path / "config.yaml").write_text(R.config_yaml(R.FLOW, R.HIFT))
     flow_cfg, hift_cfg = read_decoder_config(tmp_path / "config.yaml")
     assert flow_cfg == FlowConfig() and hift_cfg == HiFTConfig()
-    for name, keymap, shapes in (("flow", flow_keymap(flow_cfg), flow_param_shapes(flow_cfg)),
-                                 ("hift", hift_keymap(hift_cfg), hift_param_shapes(hift_cfg))):
-        lines = (KEYS / f"glm4voice_{name}.txt").read_text().splitlines()
-        released = {k: tuple(int(x) for x in re.findall(r"\d+", s))
-                    for k, s in (re.match(r"(\S+) \(([^)]*)\)", ln).groups() for ln in lines if ln[:1] != "#")}
+    for name, keymap, shapes, count, params in (
+            ("flow", flow_keymap(flow_cfg), flow_param_shapes(flow_cfg), 1185, 111_166_208),
+            ("hift", hift_keymap(hift_cfg), hift_param_shapes(hift_cfg), 227, 20_447_517)):  # hift: g folded
+        released = released_keys(name)
         plan = keymap.plan(released, {k: v.shape for k, v in shapes.items()}, name)
-        assert not plan.dropped and len(released) == {"flow": 1185, "hift": 227}[name]
-    assert sum(math.prod(v.shape) for v in flow_param_shapes(flow_cfg).values()) == 111_166_208
-    assert sum(math.prod(v.shape) for v in hift_param_shapes(hift_cfg).values()) == 20_447_517  # g folded
+        assert not plan.dropped and len(released) == count
+        assert sum(math.prod(v.shape) for v in shapes.values()) == params
 
 
 def test_config_rejects_what_is_not_ported(tmp_path):
