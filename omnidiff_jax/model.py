@@ -163,20 +163,12 @@ SPEECH_PREFIX = "model.audio_model."
 
 
 def load_speech(source, raw_config: dict, cfg: DreamConfig):
-    """The speech-input encoder + projector of a reference checkpoint, in the LLM's parameter dtype.
-
-    The encoder's shape is SenseVoiceSmall's unless config.json carries an `omnidiff_speech` field (tiny test
-    checkpoints record their encoder there)."""
-    from omnidiff_jax.models.projector import ProjectorConfig
-    from omnidiff_jax.models.sensevoice import SenseVoiceConfig
+    """The speech-input encoder + projector of a reference checkpoint, in the LLM's parameter dtype (shapes per
+    `convert.omni.speech_configs`: SenseVoiceSmall unless config.json has an `omnidiff_speech` field)."""
+    from omnidiff_jax.convert.omni import speech_configs
     from omnidiff_jax.speech_in import load_speech_input
 
-    fields = dict(raw_config.get("omnidiff_speech", {}))
-    if "prompt_rows" in fields:
-        fields["prompt_rows"] = tuple(fields["prompt_rows"])
-    dtype = "float32" if cfg.param_dtype == "float32" else "bfloat16"
-    encoder = SenseVoiceConfig(**{**fields, "dtype": dtype, "param_dtype": dtype})
-    projector = ProjectorConfig(encoder.output_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype)
+    encoder, projector = speech_configs(raw_config, cfg.param_dtype)
     return load_speech_input(source, encoder, projector)
 
 
