@@ -41,7 +41,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_i
     elif implementation == "splash":
         out = _splash(q, k, v, segment_ids)
     else:
-        out = _xla(q, k, v, segment_ids)
+        out = xla_attention(q, k, v, segment_ids, segment_ids)
     if query_valid is not None:
         out = out * query_valid[:, :, None, None].astype(out.dtype)
     return out
@@ -56,23 +56,26 @@ def _auto(dtype) -> str:
     return "xla"
 
 
-def _xla(q, k, v, segment_ids):
-    b, l, hq, d = q.shape
-    hkv = k.shape[2]
+def xla_attention(q, k, v, q_segments=None, k_segments=None):
+    """The XLA backend. q [B, Lq, Hq, D]; k, v [B, Lk, Hkv, D] (Lk may exceed Lq, e.g. cached prompt keys); a key
+    is visible to a query of the same segment (q_segments [B, Lq], k_segments [B, Lk]; None = one segment).
+
+    Each kv head serves its g query heads in one [g*Lq, D] x [D, Lk] matmul, and normalising after the PV matmul
+    saves a pass over the score matrix (about 2x faster than a 5-D einsum + softmax on CPU)."""
+    b, lq, hq, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv  # query head h = kv head (h // g), member (h % g)
-    # Each kv head serves its g query heads in one [g*L, D] x [D, L] matmul; normalising after the PV matmul
-    # saves a pass over the score matrix (about 2x faster than a 5-D einsum + softmax on CPU).
-    qh = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, l, hkv, g, d).transpose(0, 2, 3, 1, 4)
-    qh = qh.reshape(b, hkv, g * l, d)
-    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, L, D]
-    scores = jnp.matmul(qh, kh.swapaxes(-1, -2), preferred_element_type=jnp.float32)  # [B, Hkv, g*L, L]
-    if segment_ids is not None:
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, Lq, Lk]
-        scores = jnp.where(same[:, None, None], scores.reshape(b, hkv, g, l, l), -jnp.inf).reshape(scores.shape)
-    weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))  # every query sees at least itself
+    qh = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, lq, hkv, g, d).transpose(0, 2, 3, 1, 4)
+    qh = qh.reshape(b, hkv, g * lq, d)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, Lk, D]
+    scores = jnp.matmul(qh, kh.swapaxes(-1, -2), preferred_element_type=jnp.float32)  # [B, Hkv, g*Lq, Lk]
+    if q_segments is not None:
+        same = q_segments[:, :, None] == k_segments[:, None, :]  # [B, Lq, Lk]
+        scores = jnp.where(same[:, None, None], scores.reshape(b, hkv, g, lq, lk), -jnp.inf).reshape(scores.shape)
+    weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))  # every query sees at least one key
     out = jnp.matmul(weights.astype(v.dtype), vh, preferred_element_type=jnp.float32)
     out = out / weights.sum(axis=-1, keepdims=True)
-    return out.reshape(b, hkv, g, l, d).transpose(0, 3, 1, 2, 4).reshape(b, l, hq, d).astype(q.dtype)
+    return out.reshape(b, hkv, g, lq, d).transpose(0, 3, 1, 2, 4).reshape(b, lq, hq, d).astype(q.dtype)
 
 
 def _cudnn(q, k, v, segment_ids):

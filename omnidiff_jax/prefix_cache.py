@@ -17,26 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from omnidiff_jax.attention import xla_attention
 from omnidiff_jax.models.dream import MLP, DreamConfig, RMSNorm, apply_rope, rope_cos_sin
-
-
-def attend(q, k, v, q_segments, k_segments):
-    """Bidirectional GQA attention where queries [B, Lq, Hq, D] and keys/values [B, Lk, Hkv, D] differ in length;
-    a key is visible to a query of the same segment. The layout of `omnidiff_jax.attention`'s XLA backend: one
-    matmul per kv head over its query group, normalised after the PV matmul."""
-    b, lq, hq, d = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
-    g = hq // hkv
-    qh = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, lq, hkv, g, d).transpose(0, 2, 3, 1, 4)
-    qh = qh.reshape(b, hkv, g * lq, d)
-    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, Lk, D]
-    scores = jnp.matmul(qh, kh.swapaxes(-1, -2), preferred_element_type=jnp.float32)  # [B, Hkv, g*Lq, Lk]
-    same = q_segments[:, :, None] == k_segments[:, None, :]  # [B, Lq, Lk]
-    scores = jnp.where(same[:, None, None], scores.reshape(b, hkv, g, lq, lk), -jnp.inf).reshape(scores.shape)
-    weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))  # every query sees at least itself
-    out = jnp.matmul(weights.astype(v.dtype), vh, preferred_element_type=jnp.float32)
-    out = out / weights.sum(axis=-1, keepdims=True)
-    return out.reshape(b, hkv, g, lq, d).transpose(0, 3, 1, 2, 4).reshape(b, lq, hq, d).astype(q.dtype)
 
 
 def run_layers(cfg: DreamConfig, params: dict, x, positions, segments, past=None, past_segments=None):
@@ -62,7 +44,7 @@ def run_layers(cfg: DreamConfig, params: dict, x, positions, segments, past=None
         v = dense(attn["v_proj"], n, (cfg.num_kv_heads, cfg.head_dim))
         keys, values = (k, v) if past_kv is None else (jnp.concatenate([past_kv[0], k], axis=1),
                                                        jnp.concatenate([past_kv[1], v], axis=1))
-        out = attend(q, keys, values, segments, key_segments)
+        out = xla_attention(q, keys, values, segments, key_segments)
         h = x + dense(attn["o_proj"], out, cfg.hidden_size, (-2, -1))
         out = h + MLP(cfg).apply({"params": p["mlp"]}, norm.apply({"params": p["post_attention_layernorm"]}, h))
         return out, (k, v)
