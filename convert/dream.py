@@ -7,11 +7,10 @@ Linear weights are transposed; q/k/v/o are reshaped to explicit head axes. The s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from omnidiff_jax.convert.keymap import IDENTITY, LINEAR, KeyMap, Rule, heads_bias, heads_in, heads_out
-from omnidiff_jax.convert.sources import CheckpointError
+from omnidiff_jax.convert.sources import CheckpointError, read_json
 from omnidiff_jax.models.dream import DreamConfig
 from omnidiff_jax.vocab import DREAM_SPECIALS, OMNI_SPECIALS, TokenLayout
 
@@ -55,12 +54,7 @@ def dream_keymap(cfg: DreamConfig) -> KeyMap:
 def read_hf_config(folder: str | Path) -> tuple[DreamConfig, TokenLayout, dict]:
     """Parses a reference `config.json` into (DreamConfig, TokenLayout, raw dict). Raises naming what is wrong."""
     path = Path(folder) / "config.json"
-    if not path.exists():
-        raise CheckpointError(f"{folder}: not a Dream checkpoint (no config.json)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    raw = read_json(path, "not a Dream checkpoint (no config.json)")
     if raw.get("model_type") != "Dream":
         raise CheckpointError(f"{path}: model_type is {raw.get('model_type')!r}, expected 'Dream'")
     needed = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")

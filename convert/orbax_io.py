@@ -30,7 +30,7 @@ import numpy as np
 from orbax.checkpoint.experimental import v1 as ocp
 
 from omnidiff_jax.convert.keymap import flatten, unflatten
-from omnidiff_jax.convert.sources import CheckpointError
+from omnidiff_jax.convert.sources import CheckpointError, read_json
 
 META_FILE = "omnidiff.json"
 PARAMS_DIR = "params"
@@ -152,12 +152,7 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 def read_meta(path: str | os.PathLike) -> dict:
     """The folder's `omnidiff.json`; raises CheckpointError naming the folder when it is not our checkpoint."""
     file = Path(path) / META_FILE
-    if not file.is_file():
-        raise CheckpointError(f"{path}: not an omnidiff orbax checkpoint (no {META_FILE})")
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: invalid JSON ({e})") from None
+    meta = read_json(file, f"not an omnidiff orbax checkpoint (no {META_FILE})")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{file}: format {meta.get('format')!r} version {meta.get('version')!r}, expected "
                               f"{FORMAT!r} version {VERSION}")

@@ -108,6 +108,17 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
     return header, start
 
 
+def read_json(path: str | os.PathLike, missing: str) -> dict:
+    """Parses a JSON file; CheckpointError "<path>: <missing>" when it does not exist, or naming it when invalid."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+
+
 def safetensors_file(path: str | os.PathLike) -> Source:
     """A lazy `Source` over one `.safetensors` file (memory-mapped once, on first read)."""
     path = Path(path)

@@ -10,7 +10,6 @@ Per-layer keys stack onto our scanned `layers` axis; Linear weights are transpos
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -20,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from omnidiff_jax.convert.keymap import CONV1D, IDENTITY, LINEAR, KeyMap, Rule, flatten
-from omnidiff_jax.convert.sources import CheckpointError, Source, open_source
+from omnidiff_jax.convert.sources import CheckpointError, Source, open_source, read_json
 from omnidiff_jax.models.whisper_vq import WhisperVQConfig, WhisperVQEncoder
 
 log = logging.getLogger(__name__)
@@ -93,12 +92,7 @@ def encoder_view(source: Source, config: WhisperVQConfig) -> Source:
 def read_config(folder: str | Path) -> WhisperVQConfig:
     """Parses the reference `config.json` (a `WhisperVQConfig`), refusing settings this port does not implement."""
     path = Path(folder) / "config.json"
-    if not path.exists():
-        raise CheckpointError(f"{folder}: no config.json (expected the THUDM/glm-4-voice-tokenizer folder layout)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    raw = read_json(path, "no config.json (expected the THUDM/glm-4-voice-tokenizer folder layout)")
     needed = ("d_model", "encoder_attention_heads", "encoder_ffn_dim", "num_mel_bins", "max_source_positions",
               "pooling_kernel_size", "pooling_position", "quantize_position", "quantize_vocab_size",
               "quantize_causal_block_size")
