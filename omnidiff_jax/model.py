@@ -24,7 +24,7 @@ from omnidiff_jax.attention import segment_ids_from_positions
 from omnidiff_jax.config import dream_config, get_config, token_layout
 from omnidiff_jax.convert import orbax_io
 from omnidiff_jax.convert.dream import dream_keymap, read_hf_config
-from omnidiff_jax.convert.keymap import flatten, unflatten
+from omnidiff_jax.convert.keymap import flatten
 from omnidiff_jax.convert.sources import open_source
 from omnidiff_jax.models.dream import Dream, DreamConfig
 from omnidiff_jax.vocab import TokenLayout
@@ -172,4 +172,4 @@ def load_speech(source, raw_config: dict, cfg: DreamConfig):
     return load_speech_input(source, encoder, projector)
 
 
-__all__ = ["OmniModel", "init_model", "load_model", "abstract_params", "param_shardings", "unflatten"]
+__all__ = ["OmniModel", "init_model", "load_model", "abstract_params", "param_shardings"]

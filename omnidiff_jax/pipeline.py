@@ -184,8 +184,7 @@ class Pipeline:
 
     def _sample(self, batch: list[_Ready]) -> list[np.ndarray]:
         p = batch[0].preset
-        options = dict(batch[0].options)
-        options.pop("gen_length", None), options.pop("steps", None)
+        options = {k: v for k, v in batch[0].options.items() if k not in ("gen_length", "steps")}  # set per row
         options.setdefault("seed", self.seed)
         uncond = [r.uncond for r in batch] if p.cfg > 0 else None
         return sampler.sample(
