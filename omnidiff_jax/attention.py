@@ -5,7 +5,7 @@ packed segment; queries marked invalid (padding) attend to nothing and output ex
 does. Key-side padding is not masked: it belongs to the last segment. With `segment_ids=None` attention is full.
 
 Backends:
-  xla     plain einsums with an fp32 softmax; any platform, the reference for the others.
+  xla     plain matmuls with an fp32 softmax; any platform, the reference for the others.
   cudnn   `jax.nn.dot_product_attention(implementation="cudnn")` (flash attention on NVIDIA GPUs, bf16/fp16).
   splash  the Pallas splash-attention kernel on TPU, with segment ids.
   auto    cudnn on GPU for half-precision inputs, splash on TPU, else xla.
@@ -60,22 +60,39 @@ def xla_attention(q, k, v, q_segments=None, k_segments=None):
     """The XLA backend. q [B, Lq, Hq, D]; k, v [B, Lk, Hkv, D] (Lk may exceed Lq, e.g. cached prompt keys); a key
     is visible to a query of the same segment (q_segments [B, Lq], k_segments [B, Lk]; None = one segment).
 
-    Each kv head serves its g query heads in one [g*Lq, D] x [D, Lk] matmul, and normalising after the PV matmul
-    saves a pass over the score matrix (about 2x faster than a 5-D einsum + softmax on CPU)."""
+    Accelerators get every head in one batched matmul: each kv head serves its g query heads as one
+    [g*Lq, D] x [D, Lk] product. On CPU the query heads run one after another (`lax.map`), so each [Lq, Lk]
+    score matrix stays in cache: 2.5x faster at batch 4, length 512, where the batched scores (50 MB) spill.
+    Either way the weights are normalised after the PV matmul, which saves a pass over the scores."""
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
-    g = hq // hkv  # query head h = kv head (h // g), member (h % g)
-    qh = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, lq, hkv, g, d).transpose(0, 2, 3, 1, 4)
-    qh = qh.reshape(b, hkv, g * lq, d)
-    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, Lk, D]
-    scores = jnp.matmul(qh, kh.swapaxes(-1, -2), preferred_element_type=jnp.float32)  # [B, Hkv, g*Lq, Lk]
-    if q_segments is not None:
-        same = q_segments[:, :, None] == k_segments[:, None, :]  # [B, Lq, Lk]
-        scores = jnp.where(same[:, None, None], scores.reshape(b, hkv, g, lq, lk), -jnp.inf).reshape(scores.shape)
-    weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))  # every query sees at least one key
-    out = jnp.matmul(weights.astype(v.dtype), vh, preferred_element_type=jnp.float32)
-    out = out / weights.sum(axis=-1, keepdims=True)
+    g = hq // hkv  # query head h reads kv head h // g
+    q = q * jnp.asarray(d ** -0.5, q.dtype)
+    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, Hkv, Lk, D]
+    same = None if q_segments is None else jnp.equal(q_segments[:, :, None], k_segments[:, None, :])  # [B, Lq, Lk]
+    if jax.default_backend() == "cpu":
+        def one_head(args):
+            i, qi = args  # qi [Lq, D] is query head i % Hq of row i // Hq
+            row, head = i // hq, i % hq // g
+            return _attend(qi, kh[row, head], vh[row, head], None if same is None else same[row])
+
+        out = jax.lax.map(one_head, (jnp.arange(b * hq), q.transpose(0, 2, 1, 3).reshape(b * hq, lq, d)))
+        return out.reshape(b, hq, lq, d).transpose(0, 2, 1, 3).astype(q.dtype)
+    qh = q.reshape(b, lq, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * lq, d)
+    if same is not None:  # [B, 1, g*Lq, Lk]: row r of a group is query position r % Lq
+        same = jnp.tile(same, (1, g, 1))[:, None]
+    out = _attend(qh, kh, vh, same)  # [B, Hkv, g*Lq, D]
     return out.reshape(b, hkv, g, lq, d).transpose(0, 3, 1, 2, 4).reshape(b, lq, hq, d).astype(q.dtype)
+
+
+def _attend(q, k, v, visible):
+    """softmax(q k^T) v in fp32 over [..., Lq, D] x [..., Lk, D]; `visible` [..., Lq, Lk] bool or None."""
+    scores = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32)
+    if visible is not None:
+        scores = jnp.where(visible, scores, -jnp.inf)
+    weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))  # every query sees at least one key
+    out = jnp.matmul(weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out / weights.sum(axis=-1, keepdims=True)
 
 
 def _cudnn(q, k, v, segment_ids):
