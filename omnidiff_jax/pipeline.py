@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from omnidiff_jax import adaptive_length, sampler
+from omnidiff_jax.jsonl import parse_object
 from omnidiff_jax.model import OmniModel, load_model
 from omnidiff_jax.tasks import (INPUTS, PRESETS, TASKS, TaskPreset, build_prompt, fit_image_codes, split_output,
                                 task_content)
@@ -259,13 +260,6 @@ def _failed(request: dict, error: Exception) -> dict:
 
 def iter_jsonl(path: str | os.PathLike) -> Iterable[dict]:
     """Requests from a JSONL batch file, one JSON object per line (blank lines skipped)."""
-    import json
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if line.strip():
-            try:
-                request = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RequestError(f"{path}:{n}: not valid JSON ({e})") from None
-            if not isinstance(request, dict):
-                raise RequestError(f"{path}:{n}: expected a JSON object, got {type(request).__name__}")
-            yield request
+            yield parse_object(line, f"{path}:{n}", RequestError)

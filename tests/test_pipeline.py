@@ -17,7 +17,7 @@ from omnidiff_jax.configs.base import model_config
 from omnidiff_jax.convert.dream import hf_config
 from omnidiff_jax.convert.omni import import_checkpoint
 from omnidiff_jax.models.magvit import MagvitConfig
-from omnidiff_jax.pipeline import Pipeline
+from omnidiff_jax.pipeline import Pipeline, RequestError, iter_jsonl
 from omnidiff_jax.tasks import PRESETS, build_prompt
 from omnidiff_jax.text_tokenizer import ByteTokenizer
 from torch_ref import dream as dream_ref
@@ -145,3 +145,11 @@ def test_jsonl_batch_with_mixed_tasks_and_bad_requests(paths, assets, tmp_path, 
     # the output folder is not overwritten without --force
     assert cli.main(["generate", "--model", str(paths["model"]), "--task", "t2i", "--text", "x", "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line, problem", [("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object")])
+def test_jsonl_batch_names_the_bad_line(tmp_path, line, problem):
+    batch = tmp_path / "requests.jsonl"
+    batch.write_text('{"task": "t2i", "text": "a cat"}\n\n' + line + "\n")
+    with pytest.raises(RequestError, match=rf"requests.jsonl:3: {problem}"):
+        list(iter_jsonl(batch))

@@ -41,6 +41,7 @@ import grain
 import numpy as np
 from flax import serialization
 
+from omnidiff_jax.jsonl import parse_object
 from omnidiff_jax.vocab import TokenLayout
 
 IGNORE = -100
@@ -77,12 +78,7 @@ class Media:
 
 def parse_record(line: str, where: str, prefix: str = "") -> Record:
     """One jsonl line -> Record, with media paths joined to `prefix`. Raises DataError naming `where`."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    obj = parse_object(line, where, DataError)
     messages = obj.get("conversations") or obj.get("messages")
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: needs a non-empty 'messages' (or 'conversations') list")
