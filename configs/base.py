@@ -15,6 +15,7 @@ def model_config(*, hidden_size: int, num_layers: int, num_heads: int, num_kv_he
     cfg.model = ml_collections.ConfigDict(dict(
         vocab_size=layout.vocab_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
         num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, rope_theta=rope_theta, rms_norm_eps=1e-6,
+        max_position_embeddings=131072,
         mask_token_id=layout.mask, pad_token_id=layout.pad, dtype=dtype, param_dtype=dtype, remat_policy="none",
         attention_impl="auto"))
     cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

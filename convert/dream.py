@@ -66,7 +66,8 @@ def read_hf_config(folder: str | Path) -> tuple[DreamConfig, TokenLayout, dict]:
         vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], num_layers=raw["num_hidden_layers"],
         num_heads=raw["num_attention_heads"], num_kv_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
         intermediate_size=raw["intermediate_size"], rope_theta=float(raw.get("rope_theta", 10000.0)),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), mask_token_id=raw.get("mask_token_id", 151666),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=raw.get("max_position_embeddings", 131072), mask_token_id=raw.get("mask_token_id", 151666),
         pad_token_id=raw.get("pad_token_id", 151643), dtype=dtype, param_dtype=dtype)
     layout = layout_from_hf(raw, path)
     return cfg, layout, raw
@@ -96,7 +97,7 @@ def hf_config(cfg: DreamConfig, layout: TokenLayout, torch_dtype: str) -> dict:
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
         "intermediate_size": cfg.intermediate_size, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": None, "max_position_embeddings": 131072,
+        "rope_theta": cfg.rope_theta, "rope_scaling": None, "max_position_embeddings": cfg.max_position_embeddings,
         "attention_dropout": 0.0, "tie_word_embeddings": False, "torch_dtype": torch_dtype,
         "mask_token_id": cfg.mask_token_id, "pad_token_id": cfg.pad_token_id, "bos_token_id": cfg.pad_token_id,
         "eos_token_id": cfg.pad_token_id, "use_cache": False, "use_sliding_window": False, "sliding_window": None,

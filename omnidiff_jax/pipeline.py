@@ -159,9 +159,10 @@ class Pipeline:
             text = adaptive_length.tts_text(request.get("text") or "")
             options.update(_lengths(adaptive_length.tts(max(len(self.tokenizer.encode(text)), 1))))
         gen_length = options.get("gen_length", preset.gen_length)
-        if len(prompt.ids) + gen_length > sampler.MAX_POSITIONS:
+        limit = self.model.config.max_position_embeddings
+        if len(prompt.ids) + gen_length > limit:
             raise RequestError(f"request {index} ({task}): prompt of {len(prompt.ids)} tokens + {gen_length} to "
-                               f"generate exceeds the model's {sampler.MAX_POSITIONS} positions")
+                               f"generate exceeds the model's {limit} positions")
         uncond = None
         if preset.cfg > 0:  # the reference's unconditional prompt: the system turn and an empty user turn
             uncond = sampler.Prompt(build_prompt(self.tokenizer, layout, content="", system=preset.system).ids)

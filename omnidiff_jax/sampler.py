@@ -51,7 +51,6 @@ from omnidiff_jax.models.dream import Dream, DreamConfig
 from omnidiff_jax.prefix_cache import run_layers
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy", "entropy-penalty")
-MAX_POSITIONS = 131072  # max_position_embeddings of the reference config
 EPS = 1e-3  # the final timestep, DreamGenerationConfig's default
 TIE_ROOM = 16  # candidates kept beyond top_k, so logits tied with the top_k-th are kept as the reference keeps them
 POSITION_PENALTY_FREE_ROWS = 100  # the first 100 rows are never position-penalised
@@ -304,9 +303,10 @@ def _plan(model: OmniModel, prompts: list[Prompt], uncond: list[Prompt] | None, 
     pu = [pr.ids.size for pr in uncond] if uncond else []
     for r in range(b):
         longest = max(p[r], pu[r] if uncond and not cfg_compat else 0) + gen_length[r]
-        if longest > MAX_POSITIONS:
+        if longest > model.config.max_position_embeddings:
             raise ValueError(f"row {r}: prompt ({longest - gen_length[r]}) + gen_length ({gen_length[r]}) = "
-                             f"{longest} exceeds the model's maximum of {MAX_POSITIONS} positions")
+                             f"{longest} exceeds the model's maximum of {model.config.max_position_embeddings} "
+                             "positions")
         if uncond and cfg_compat and pu[r] > p[r]:
             raise ValueError(f"cfg_compat: uncond[{r}] ({pu[r]} tokens) is longer than prompts[{r}] ({p[r]}); the "
                              "reference fails on this shape (use the aligned CFG, cfg_compat=False)")
@@ -621,5 +621,5 @@ def _sample_rows(logits, rows, generated, knobs: _Knobs, repeat_penalty, top_k: 
     return x0, confidence
 
 
-__all__ = ["ALGS", "MAX_POSITIONS", "Prompt", "SamplerState", "sample", "schedule", "boa_index", "bucket",
+__all__ = ["ALGS", "Prompt", "SamplerState", "sample", "schedule", "boa_index", "bucket",
            "torch_linspace"]

@@ -58,7 +58,7 @@ def tensors(folder):
 @pytest.fixture(scope="module")
 def ref():
     """(config.json dict, PyTorch Dream, (SenseVoiceSmall, projector)) with random weights."""
-    config = tiny_hf_config()
+    config = tiny_hf_config(max_position_embeddings=4096)  # not the default: the field must be carried
     speech = sensevoice_ref.random_speech(sensevoice_ref.tiny_config(), config["hidden_size"])
     return config, random_dream(config), speech
 
@@ -92,6 +92,7 @@ def test_import_then_load_gives_the_reference_logits(ref, f32):
     assert set(summary.dropped) == CTC and all("CTC" in why for why in summary.dropped.values())
 
     loaded = load_orbax_model(dst)
+    assert loaded.config.max_position_embeddings == 4096
     ids = np.random.RandomState(0).randint(0, config["vocab_size"], (2, 12))
     with torch.no_grad():
         want = model.forward_dream(torch.tensor(ids)).numpy()
@@ -153,6 +154,7 @@ def test_export_round_trip_is_bit_identical(ref, bf16, tmp_path):
 
     hf = json.loads((out / "config.json").read_text())
     assert hf["model_type"] == "Dream" and hf["auto_map"] == AUTO_MAP and hf["torch_dtype"] == "bfloat16"
+    assert hf["max_position_embeddings"] == config["max_position_embeddings"] == 4096
     assert hf["omnidiff_speech"] == SPEECH
     for name, text in TOKENIZER_FILES.items():
         assert (out / name).read_text() == text

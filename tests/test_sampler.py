@@ -8,6 +8,7 @@ row is left with a single token (which would make whole groups of positions tie 
 torch's top-k order is unspecified).
 """
 
+import dataclasses
 import itertools
 import json
 import os
@@ -24,7 +25,7 @@ import torch
 import omnidiff_jax
 from omnidiff_jax import adaptive_length
 from omnidiff_jax.prefix_cache import run_layers
-from omnidiff_jax.sampler import (ALGS, MAX_POSITIONS, Prompt, _Knobs, _program, _sample_rows, _Static, boa_index,
+from omnidiff_jax.sampler import (ALGS, Prompt, _Knobs, _program, _sample_rows, _Static, boa_index,
                                   sample, schedule)
 from torch_ref import dream as dream_ref
 from torch_ref.sampler import reference_sample, sample_tokens, top_p_filter
@@ -237,7 +238,6 @@ def test_prefix_cache_layers_and_sampler(setup):
     (dict(gen_length=0), "gen_length must be an integer >= 1"),
     (dict(steps=0), "steps must be an integer >= 1"),
     (dict(alg="greedy"), "unknown alg 'greedy'"),
-    (dict(gen_length=MAX_POSITIONS), "exceeds the model's maximum"),
     (dict(prompts=[[1, 999]]), "token id 999"),
     (dict(cfg=2.0), "needs `uncond`"),
     (dict(cfg=2.0, uncond=[list(range(1, 20))], cfg_compat=True), "longer than prompts[0]"),
@@ -252,6 +252,14 @@ def test_bad_input_raises_clear_errors(setup, change, message):
     with pytest.raises(ValueError) as err:
         sample(jm, args.pop("prompts"), **args)
     assert message in str(err.value)
+
+
+def test_prompt_plus_generation_beyond_the_models_positions(setup):
+    _, jm, _, _, _ = setup
+    short = dataclasses.replace(jm, config=jm.config.replace(max_position_embeddings=16))
+    with pytest.raises(ValueError, match=r"prompt \(3\) \+ gen_length \(14\) = 17 exceeds the model's maximum of 16"):
+        sample(short, [[1, 2, 3]], gen_length=14, steps=4)
+    assert sample(short, [[1, 2, 3]], gen_length=13, steps=4)[0].shape == (13,)  # exactly 16 positions fit
 
 
 def test_mesh_matches_single_device_without_gathering_the_vocabulary(setup):

@@ -49,6 +49,7 @@ class DreamConfig:
     intermediate_size: int
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 131072  # the longest sequence (prompt + generation) the model takes
     mask_token_id: int = 151666
     pad_token_id: int = 151643
     dtype: str = "float32"  # compute dtype
