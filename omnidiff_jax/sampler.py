@@ -52,6 +52,7 @@ from omnidiff_jax.prefix_cache import run_layers
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy", "entropy-penalty")
 EPS = 1e-3  # the final timestep, DreamGenerationConfig's default
+TOP_K_CHUNK = 128  # vocabulary chunk of `_chunked_top_k`
 TIE_ROOM = 16  # candidates kept beyond top_k, so logits tied with the top_k-th are kept as the reference keeps them
 POSITION_PENALTY_FREE_ROWS = 100  # the first 100 rows are never position-penalised
 
@@ -550,15 +551,37 @@ def _round(x, dtype):
 def _top_k(x, count: int, vocab_axes):
     """`lax.top_k` over the last (vocabulary) axis. When that axis is split over `vocab_axes`, each device takes
     its own top `count` first and only those candidates are gathered. Ties go to the lower id either way."""
+    top_k = _chunked_top_k if jax.default_backend() == "gpu" else jax.lax.top_k  # CPU's top_k does not sort
     if vocab_axes is None:
-        return jax.lax.top_k(x, count)
+        return top_k(x, count)
     part = x.shape[-1]
-    values, ids = jax.lax.top_k(x, min(count, part))
+    values, ids = top_k(x, min(count, part))
     ids = ids + part * jax.lax.axis_index(vocab_axes)
     values = jax.lax.all_gather(values, vocab_axes, axis=x.ndim - 1, tiled=True)  # shard-major: ids ascend
     ids = jax.lax.all_gather(ids, vocab_axes, axis=x.ndim - 1, tiled=True)
     values, pick = jax.lax.top_k(values, count)
     return values, jnp.take_along_axis(ids, pick, axis=-1)
+
+
+def _chunked_top_k(x, count: int, chunk: int = TOP_K_CHUNK):
+    """`lax.top_k(x, count)` over the last axis, exactly (ties to the lower index), without sorting it whole.
+
+    The `count` largest entries lie in the `count` chunks with the largest maxima: an entry outside them is
+    outranked by each of those maxima (larger, or equal and at a lower index). So only those chunks, kept in
+    index order, go through `lax.top_k`. GPUs sort for `lax.top_k`: on an H100, 2048 rows of a 176k vocabulary
+    take XX ms instead of 26 ms (on CPU, where `lax.top_k` does not sort, this would be 3x slower).
+    """
+    n = x.shape[-1]
+    if n <= 4 * chunk * count:
+        return jax.lax.top_k(x, count)
+    chunks = -(-n // chunk)
+    padded = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, chunks * chunk - n)], constant_values=-jnp.inf)
+    padded = padded.reshape(*x.shape[:-1], chunks, chunk)
+    _, best = jax.lax.top_k(padded.max(axis=-1), count)  # [..., count] chunk ids
+    best = jnp.sort(best, axis=-1)
+    values, pick = jax.lax.top_k(jnp.take_along_axis(padded, best[..., None], axis=-2).reshape(*x.shape[:-1], -1),
+                                 count)
+    return values, jnp.take_along_axis(best, pick // chunk, axis=-1) * chunk + pick % chunk
 
 
 def _logsumexp(x, vocab_axes):

@@ -25,7 +25,7 @@ import torch
 import omnidiff_jax
 from omnidiff_jax import adaptive_length
 from omnidiff_jax.prefix_cache import run_layers
-from omnidiff_jax.sampler import (ALGS, Prompt, _Knobs, _program, _sample_rows, _Static, boa_index,
+from omnidiff_jax.sampler import (ALGS, Prompt, _chunked_top_k, _Knobs, _program, _sample_rows, _Static, boa_index,
                                   sample, schedule)
 from torch_ref import dream as dream_ref
 from torch_ref.sampler import reference_sample, sample_tokens, top_p_filter
@@ -348,3 +348,12 @@ def test_cli_generate_with_a_checkpoint_and_its_tokenizer(setup, tmp_path, capsy
     assert cli.main(argv + ["--force"]) == 0  # the chat template: <|im_start|>user\n ... <|im_start|>assistant\n
     ids = json.loads(out_file.read_text().splitlines()[0])["prompt_ids"]
     assert ids[0] == jm.layout.im_start and ids.count(jm.layout.im_start) == 2 and ids.count(jm.layout.im_end) == 1
+
+
+@pytest.mark.parametrize("levels", [3, 1000])  # heavy ties across chunk boundaries, and few
+def test_chunked_top_k_equals_lax_top_k(levels):
+    x = jax.random.randint(jax.random.key(levels), (4, 3, 1001), 0, levels).astype(jnp.float32)
+    want = jax.lax.top_k(x, 7)
+    got = _chunked_top_k(x, 7, chunk=8)  # 126 chunks, the last one padded
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
