@@ -4,7 +4,8 @@
 with each attention backend (XLA, cuDNN) against our PyTorch reference module (tests/torch_ref/dream.py, SDPA) on
 the same GPU: ms, achieved TFLOP/s, the ratio ours / PyTorch, and how far cuDNN's logits are from XLA's.
 `--part sampler`: the jitted sampler on the 7B-shaped slice, 64-token prompts, 256 generated tokens in 64 steps,
-batch 1 and 8, exact and with the prefix cache: ms per step, tokens/s, batch-8 throughput over batch 1.
+batch 1 and 8, exact and with the prefix cache: ms per step, tokens/s, batch-8 throughput over batch 1; and the
+step's top-k over the vocabulary alone at batch 8, XLA's against the sampler's chunked one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import omnidiff_jax
 from omnidiff_jax.config import dream_config, get_config, token_layout
 from omnidiff_jax.convert.dream import hf_config
+from omnidiff_jax.sampler import _candidates, _chunked_top_k as chunked_top_k
 from torch_ref import dream as dream_ref
 
 SLICE = {"num_layers": 4}  # full width and vocabulary, 4 of the 28 layers
@@ -97,6 +99,13 @@ def sampler_part(rows: list):
     single = {r["sampler"]: r["tokens_per_s"] for r in rows if r["batch"] == 1}
     for r in rows:
         r["throughput_vs_batch1"] = r["tokens_per_s"] / single[r["sampler"]]
+    # the step's top-k over the vocabulary alone, batch 8: XLA's (a sort) against the sampler's chunked one
+    logits = jax.random.normal(jax.random.key(0), (8, gen_length, model.config.vocab_size), jax.numpy.bfloat16)
+    count = _candidates(model.config.vocab_size, 50)
+    for name, top_k in (("top-k alone: lax.top_k", jax.lax.top_k), ("top-k alone: chunked", chunked_top_k)):
+        run = jax.jit(lambda x, top_k=top_k: top_k(x.astype(jax.numpy.float32), count))
+        rows.append({"batch": 8, "sampler": name, "ms_per_step": benchlib.timeit(
+            lambda: jax.block_until_ready(run(logits)), reps=10) * 1e3})
     return (f"Sampler, Dream-7B-shaped slice (4 layers), bf16, prompt 64, {gen_length} tokens in {steps} steps",
             ["batch", "sampler", "ms_per_step", "tokens_per_s", "throughput_vs_batch1", "agree_with_exact"])
 
