@@ -45,7 +45,6 @@ from torch_ref import dream as dream_ref
 from torch_ref import sensevoice as speech_ref
 from torch_ref.magvit import random_magvit
 
-ASSETS = benchlib.REPO.parent / "shared" / "assets"
 REQUESTS = {
     "t2i": {"text": "a red apple on a wooden table"},
     "s2i": {"audio": "s2i_0.wav"},
@@ -76,9 +75,9 @@ def build(root: Path) -> Pipeline:
     return Pipeline(model, ByteTokenizer(model.layout.num_text), ImageTokenizer.load(root / "magvit" / "m.safetensors"))
 
 
-def request(task: str, steps: int | None) -> dict:
-    """The task's benchmark request with its inputs from ../shared/assets."""
-    fields = {k: str(ASSETS / v) if k in ("audio", "image") else v for k, v in REQUESTS[task].items()}
+def request(task: str, steps: int | None, assets: Path) -> dict:
+    """The task's benchmark request with its inputs from the `assets` folder (../shared/assets)."""
+    fields = {k: str(assets / v) if k in ("audio", "image") else v for k, v in REQUESTS[task].items()}
     return {"task": task, **fields, **({"steps": steps} if steps else {})}
 
 
@@ -87,6 +86,7 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="steps for every task (default: each task's preset)")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    ap.add_argument("--assets", type=Path, default=benchlib.REPO.parent / "shared" / "assets")
     ap.add_argument("--json", default="out/bench_tasks.json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
@@ -96,7 +96,7 @@ def main():
     for task in args.tasks:
         steps = min(args.steps or PRESETS[task].steps, PRESETS[task].gen_length)
         for b in args.batches:
-            batch = [request(task, args.steps)] * b
+            batch = [request(task, args.steps, args.assets)] * b
             results = pipe.run([{**r, "steps": 1} for r in batch])  # compiles; the program does not depend on steps
             if results[0]["error"]:
                 raise RuntimeError(f"{task}: {results[0]['error']}")
