@@ -1,6 +1,6 @@
 """The built-in demo: a synthetic any-to-any world learned with the real trainer and sampled through the real
-pipeline. Its default run must answer the text-output tasks far above chance (the generation tasks are reported,
-not yet asserted: see the demo's notes)."""
+pipeline. Its default run must get every task, image and speech generation included, far above chance (it
+answered all six exactly with seeds 0 and 1 when tuned; the bar leaves room for a few misses elsewhere)."""
 
 import json
 
@@ -16,8 +16,8 @@ def test_demo_learns_above_chance(tmp_path):
     acc = summary["accuracy"]
     assert set(acc) == {"t2i", "s2i", "vqa", "svqa", "tts", "asr"}
     assert summary["chance"] == 1 / len(demo.NAMES)
-    # vqa (name a picture) and asr (name a fresh recording of a voice) both need the prompt's content
-    assert np.mean([acc["vqa"], acc["asr"]]) >= 3 * summary["chance"], acc
+    # every answer depends on the prompt's content (a name, a picture, a fresh recording of a voice): chance is 1/6
+    assert min(acc.values()) >= 0.5 and np.mean(list(acc.values())) >= 0.8, acc
     assert json.loads((out / "results.json").read_text())["accuracy"] == acc
     with Image.open(summary["picture"]) as picture:  # one row per concept: target | t2i | s2i grids
         assert picture.size[1] >= len(demo.NAMES) * demo.GRID * demo.CELL
