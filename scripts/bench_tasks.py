@@ -22,28 +22,20 @@ step counts. Each batch is timed once, after a one-step run that compiles its pr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 from pathlib import Path
 
 import benchlib
-from safetensors.torch import save_file
 
-from omnidiff_jax.config import dream_config, token_layout
 from omnidiff_jax.configs.base import model_config
 from omnidiff_jax.configs.small import get_config as small
-from omnidiff_jax.convert.dream import hf_config
-from omnidiff_jax.convert.omni import import_checkpoint
 from omnidiff_jax.image import ImageTokenizer
 from omnidiff_jax.model import load_model
-from omnidiff_jax.models.magvit import MagvitConfig
 from omnidiff_jax.pipeline import Pipeline
 from omnidiff_jax.tasks import PRESETS, TASKS
 from omnidiff_jax.text_tokenizer import ByteTokenizer
-from torch_ref import dream as dream_ref
-from torch_ref import sensevoice as speech_ref
-from torch_ref.magvit import random_magvit
+from torch_ref.omni import write_random_omni
 
 REQUESTS = {
     "t2i": {"text": "a red apple on a wooden table"},
@@ -63,16 +55,9 @@ def build(root: Path) -> Pipeline:
     cfg = model_config(**{k: base.model[k] for k in shape}, num_text=base.vocab.num_text,
                        num_audio_codes=base.vocab.num_audio_codes,
                        num_image_codes=8192)  # MAGVIT-v2's LFQ always gives 13-bit codes
-    c = hf_config(dream_config(cfg), token_layout(cfg), "float32")
-    c["omnidiff_speech"] = dict(output_size=32, num_heads=2, linear_units=64, num_blocks=3, tp_blocks=2)
-    sv, proj = speech_ref.random_speech(speech_ref.tiny_config(), c["hidden_size"])
-    dream_ref.save_hf(dream_ref.random_dream(c), root / "hf", c, extra=speech_ref.omni_state(sv, proj))
-    import_checkpoint(root / "hf", root / "converted", progress=False)
-    magvit = random_magvit(dataclasses.asdict(MagvitConfig.tiny()))
-    (root / "magvit").mkdir()
-    save_file({k: v.contiguous() for k, v in magvit.state_dict().items()}, str(root / "magvit" / "m.safetensors"))
-    model = load_model(root / "converted")
-    return Pipeline(model, ByteTokenizer(model.layout.num_text), ImageTokenizer.load(root / "magvit" / "m.safetensors"))
+    converted, magvit = write_random_omni(root, cfg)
+    model = load_model(converted)
+    return Pipeline(model, ByteTokenizer(model.layout.num_text), ImageTokenizer.load(magvit))
 
 
 def request(task: str, steps: int | None, assets: Path) -> dict:

@@ -1,29 +1,20 @@
 """End to end: every task from a converted tiny checkpoint (Dream + SenseVoice + projector, imported to orbax),
 a tiny MAGVIT-v2 and a tiny GLM-4-Voice decoder, with the real images and speech from ../shared/assets."""
 
-import dataclasses
 import json
 
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from omnidiff_jax import cli
-from omnidiff_jax.config import dream_config, token_layout
 from omnidiff_jax.configs.base import model_config
-from omnidiff_jax.convert.dream import hf_config
-from omnidiff_jax.convert.omni import import_checkpoint
-from omnidiff_jax.models.magvit import MagvitConfig
 from omnidiff_jax.pipeline import Pipeline, RequestError, iter_jsonl
 from omnidiff_jax.tasks import PRESETS, build_prompt
 from omnidiff_jax.text_tokenizer import ByteTokenizer
-from torch_ref import dream as dream_ref
 from torch_ref import glm4voice_decoder as decoder_ref
-from torch_ref import sensevoice as speech_ref
-from torch_ref.magvit import random_magvit
+from torch_ref.omni import write_random_omni
 
 FAST = {"steps": 6}  # every request also runs its task preset, with fewer steps to keep the suite quick
 
@@ -34,17 +25,9 @@ def paths(tmp_path_factory):
     # the tiny Dream, with MAGVIT-v2's 8192 image codes in its vocabulary (the tokenizer's LFQ is always 13 bits)
     cfg = model_config(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, num_text=211,
                        num_audio_codes=64, num_image_codes=8192, rope_theta=10_000.0)
-    c = hf_config(dream_config(cfg), token_layout(cfg), "float32")
-    c["omnidiff_speech"] = dict(output_size=32, num_heads=2, linear_units=64, num_blocks=3, tp_blocks=2)
-    sv, proj = speech_ref.random_speech(speech_ref.tiny_config(), c["hidden_size"])
-    dream_ref.save_hf(dream_ref.random_dream(c), root / "hf", c, extra=speech_ref.omni_state(sv, proj))
-    import_checkpoint(root / "hf", root / "converted", progress=False)
-    magvit = random_magvit(dataclasses.asdict(MagvitConfig.tiny()))
-    (root / "magvit").mkdir()
-    save_file({k: v.contiguous() for k, v in magvit.state_dict().items()}, str(root / "magvit" /
-                                                                            "pytorch_model.safetensors"))
+    model, magvit = write_random_omni(root, cfg)
     decoder_ref.save_decoder(root / "decoder", decoder_ref.random_flow(), decoder_ref.random_hift())
-    return {"model": root / "converted", "image_tokenizer": root / "magvit", "speech_decoder": root / "decoder"}
+    return {"model": model, "image_tokenizer": magvit, "speech_decoder": root / "decoder"}
 
 
 @pytest.fixture(scope="module")
