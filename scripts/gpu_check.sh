@@ -47,9 +47,9 @@ stage() {  # stage NAME SECONDS COMMAND...: runs one stage under its own limit, 
   timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt" || echo "=== $name: failed or timed out (limit ${limit}s)"
 }
 stage parity 90 python3 -P -m pytest tests/test_dream.py -q -p no:cacheprovider
-stage forward 120 python3 scripts/gpu_check.py --part forward --json "$out/gpu_forward.json"
+stage forward 110 python3 scripts/gpu_check.py --part forward --json "$out/gpu_forward.json"
 stage sampler 90 python3 scripts/gpu_check.py --part sampler --json "$out/gpu_sampler.json"
-stage train 90 python3 scripts/bench_train.py --config omni_diffusion_7b --layers 4 --seq-len 3072 --packs 1 \
+stage train 60 python3 scripts/bench_train.py --config omni_diffusion_7b --layers 4 --seq-len 3072 --packs 1 \
   --bf16 --remat full --no-torch --reps 3 --json "$out/gpu_train.json"
-stage tasks 90 python3 scripts/bench_tasks.py --assets .assets --json "$out/gpu_tasks.json"
+stage tasks 130 python3 scripts/bench_tasks.py --assets .assets --json "$out/gpu_tasks.json"
 echo "=== done ($(date +%T))"
