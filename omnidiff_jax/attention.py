@@ -65,7 +65,7 @@ def xla_attention(q, k, v, q_segments=None, k_segments=None):
     score matrix stays in cache: 2.5x faster at batch 4, length 512, where the batched scores (50 MB) spill.
     Either way the weights are normalised after the PV matmul, which saves a pass over the scores."""
     b, lq, hq, d = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
+    hkv = k.shape[2]
     g = hq // hkv  # query head h reads kv head h // g
     q = q * jnp.asarray(d ** -0.5, q.dtype)
     kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, Hkv, Lk, D]
