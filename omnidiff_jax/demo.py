@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from omnidiff_jax.audio_io import write_wav
+from omnidiff_jax.tasks import PRESETS, task_content
 
 NAMES = ("red", "blue", "green", "gold", "pink", "teal")
 GRID = 4  # cells per side
@@ -112,8 +113,15 @@ def voice(concept: Concept, rng: np.random.RandomState, seconds: float = 0.5, sr
     return wave.astype(np.float32)
 
 
-S2I_SYSTEM = "Please generate an image based on the input audio."
-SVQA_SYSTEM = "Please response the input audio based on the given image."
+QUESTION = "What is this?"  # the VQA question about every picture
+
+
+def chat(task: str, answer: str, text: str | None = None) -> list[dict]:
+    """A record's messages in the layout the pipeline prompts with: the task preset's system turn (if any) and
+    user content (`tasks.task_content`), then the assistant's answer."""
+    system = PRESETS[task].system
+    return ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": task_content(task, text)}, {"role": "assistant", "content": answer}]
 
 
 def records(concepts: list[Concept], media: Path, recordings: int, rng: np.random.RandomState) -> dict[str, list]:
@@ -124,21 +132,14 @@ def records(concepts: list[Concept], media: Path, recordings: int, rng: np.rando
         wavs = [media / f"voice_{k}_{n}.wav" for n in range(recordings)]
         for wav in wavs:
             write_wav(wav, voice(c, rng), 16000)
-        user = lambda content: {"role": "user", "content": content}  # noqa: E731
-        bot = lambda content: {"role": "assistant", "content": content}  # noqa: E731
-        out["t2i"].append({"messages": [user(f"Generate an image based on the provided text description.\n{c.name}"),
-                                        bot("<|image|>")], "images": [str(grid)]})
-        out["vqa"].append({"messages": [user("What is this?\n<|image|>"), bot(c.name)], "images": [str(grid)]})
-        out["tts"].append({"messages": [user(f"Convert the text to speech.\n{c.name}"), bot("<|audio|>")],
-                           "audios": [str(codes)]})
+        out["t2i"].append({"messages": chat("t2i", "<|image|>", c.name), "images": [str(grid)]})
+        out["vqa"].append({"messages": chat("vqa", c.name, QUESTION), "images": [str(grid)]})
+        out["tts"].append({"messages": chat("tts", "<|audio|>", c.name), "audios": [str(codes)]})
         for wav in wavs:
-            out["asr"].append({"messages": [user("Convert the speech to text.\n<|audio|>"), bot(c.name)],
-                               "audios": [str(wav)]})
-            out["s2i"].append({"messages": [{"role": "system", "content": S2I_SYSTEM}, user("\n<|audio|>"),
-                                            bot("<|image|>")], "audios": [str(wav)], "images": [str(grid)]})
-        for j, other in enumerate(concepts):  # spoken question about a picture: answer with the picture's speech
-            out["svqa"].append({"messages": [{"role": "system", "content": SVQA_SYSTEM}, user("<|audio|>\n<|image|>"),
-                                             bot("<|audio|>")],
+            out["asr"].append({"messages": chat("asr", c.name), "audios": [str(wav)]})
+            out["s2i"].append({"messages": chat("s2i", "<|image|>"), "audios": [str(wav)], "images": [str(grid)]})
+        for j in range(len(concepts)):  # spoken question about a picture: answer with the picture's speech
+            out["svqa"].append({"messages": chat("svqa", "<|audio|>"),
                                 "audios": [str(wavs[j % recordings]), str(media / f"speech_{j}.npy")],
                                 "images": [str(media / f"grid_{j}.png")]})
     return out
@@ -251,7 +252,7 @@ def evaluate(pipe, concepts: list[Concept], media: Path, rng: np.random.RandomSt
         requests += [
             {"task": "t2i", "text": c.name, **lengths("t2i")},
             {"task": "s2i", "audio": str(wav), **lengths("s2i")},
-            {"task": "vqa", "text": "What is this?", "image": str(media / f"grid_{k}.png"), **lengths("vqa")},
+            {"task": "vqa", "text": QUESTION, "image": str(media / f"grid_{k}.png"), **lengths("vqa")},
             {"task": "asr", "audio": str(wav), **lengths("asr")},
             {"task": "tts", "text": c.name, **lengths("tts")},
             {"task": "svqa", "audio": str(wav), "image": str(media / f"grid_{other}.png"), "boa_prefill": False,
