@@ -67,8 +67,9 @@ def read_hf_config(folder: str | Path) -> tuple[DreamConfig, TokenLayout, dict]:
         num_heads=raw["num_attention_heads"], num_kv_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
         intermediate_size=raw["intermediate_size"], rope_theta=float(raw.get("rope_theta", 10000.0)),
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=raw.get("max_position_embeddings", 131072), mask_token_id=raw.get("mask_token_id", 151666),
-        pad_token_id=raw.get("pad_token_id", 151643), dtype=dtype, param_dtype=dtype)
+        max_position_embeddings=raw.get("max_position_embeddings", 131072),
+        mask_token_id=raw.get("mask_token_id", 151666), pad_token_id=raw.get("pad_token_id", 151643), dtype=dtype,
+        param_dtype=dtype)
     layout = layout_from_hf(raw, path)
     return cfg, layout, raw
 

@@ -175,7 +175,7 @@ class Pipeline:
         return self.image_tokenizer.encode_files([path], size=self.user_image_size)[0]
 
     def _encode_audio(self, path, index: int) -> tuple[np.ndarray, list[int]]:
-        speech = getattr(self.model, "speech", None)
+        speech = self.model.speech
         if speech is None:
             raise RequestError(f"request {index}: a speech input needs the speech encoder, which this checkpoint "
                                "lacks (no model.audio_model.* keys)")

@@ -302,12 +302,12 @@ def _plan(model: OmniModel, prompts: list[Prompt], uncond: list[Prompt] | None, 
     b = len(prompts)
     p = [pr.ids.size for pr in prompts]
     pu = [pr.ids.size for pr in uncond] if uncond else []
+    limit = model.config.max_position_embeddings
     for r in range(b):
         longest = max(p[r], pu[r] if uncond and not cfg_compat else 0) + gen_length[r]
-        if longest > model.config.max_position_embeddings:
+        if longest > limit:
             raise ValueError(f"row {r}: prompt ({longest - gen_length[r]}) + gen_length ({gen_length[r]}) = "
-                             f"{longest} exceeds the model's maximum of {model.config.max_position_embeddings} "
-                             "positions")
+                             f"{longest} exceeds the model's maximum of {limit} positions")
         if uncond and cfg_compat and pu[r] > p[r]:
             raise ValueError(f"cfg_compat: uncond[{r}] ({pu[r]} tokens) is longer than prompts[{r}] ({p[r]}); the "
                              "reference fails on this shape (use the aligned CFG, cfg_compat=False)")

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import math
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from jax.sharding import Mesh
 
 from omnidiff_jax.convert.dream import dream_keymap
 from omnidiff_jax.convert.keymap import flatten, unflatten
-from omnidiff_jax.convert.sources import CheckpointError, open_source
+from omnidiff_jax.convert.sources import CheckpointError, open_source, read_json
 from omnidiff_jax.model import abstract_params, load_model, param_shardings
 from omnidiff_jax.models.dream import Dream, DreamConfig
 
@@ -53,9 +52,7 @@ def load_dream_resized(path: str | Path, cfg: DreamConfig, key: jax.Array, mesh:
     """A Hugging Face Dream folder whose shape matches `cfg` except for a smaller vocabulary, resized to it
     (float32; with a mesh, read and resized straight into `cfg`'s sharded layout)."""
     config_path = Path(path) / "config.json"
-    if not config_path.exists():
-        raise CheckpointError(f"{path}: not a Dream checkpoint (no config.json)")
-    raw = json.loads(config_path.read_text())
+    raw = read_json(config_path, "not a Dream checkpoint (no config.json)")
     fields = {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
               "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
               "intermediate_size": cfg.intermediate_size}
