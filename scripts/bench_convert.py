@@ -9,7 +9,8 @@ One more phase measures the floor any import to orbax has: `orbax_write` reads e
 first (untimed), then times writing exactly those bytes as one orbax checkpoint with our writer's settings — no
 conversion work at all.
 
-    python scripts/bench_convert.py [--layers 2] [--shard-gb 2] [--workdir /tmp] [--json out/bench_convert.json]
+    python scripts/bench_convert.py [--layers 2] [--shard-gb 2] [--repeat 3] [--workdir /tmp]
+        [--json out/bench_convert.json]
 """
 
 from __future__ import annotations
