@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -45,12 +46,27 @@ def _context(partial_load: bool = False) -> ocp.Context:
     ctx.array.saving.use_compression = False  # weights barely compress; zstd would halve the throughput
     # mid-size chunks write fast, and a sharded restore reads only the chunks its devices' slices overlap
     ctx.array.saving.storage_options.chunk_byte_size = 32 << 20
-    # OCDBT data files of 256 MB rather than one growing file: the chunks are written in parallel (a 2B-parameter
-    # save takes 5.7 s instead of 10.5 s on 2 cores) and a 16 GB model is still only ~64 files
-    ctx.array.saving.ocdbt_target_data_file_size = 256 << 20
+    # One file per chunk rather than OCDBT's shared data files: OCDBT holds every encoded chunk of a save in memory
+    # until the save commits and only then writes, where plain zarr writes each chunk as soon as it is encoded. A
+    # 2 GB save takes 1.0 s instead of 2.4 s, with half the peak memory (2 cores); a 16 GB model is ~500 files.
+    ctx.array.saving.use_ocdbt = False
     ctx.memory.deepcopy_host_arrays = False  # the writer never mutates an array it has handed over
     ctx.pytree.loading.partial_load = partial_load
     return ctx
+
+
+class _QuietPlainZarr(logging.Filter):
+    """Drops orbax's two warnings about checkpoints without OCDBT, which ours are by design (see `_context`):
+    a partial save finding no OCDBT files to merge, and a restore finding no OCDBT manifest or zarr2 `.zarray`
+    (its check predates zarr3's `zarr.json`). Everything else orbax logs passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_PLAIN_ZARR_WARNINGS)
+
+
+_PLAIN_ZARR_WARNINGS = ("[process=%s][thread=%s] Skipping merge of OCDBT checkpoints",
+                        "TensorStore data files not found in checkpoint path")
+logging.getLogger("absl").addFilter(_QuietPlainZarr())
 
 
 # --------------------------------------------------------------------------------------------------- writing
