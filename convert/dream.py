@@ -1,7 +1,8 @@
 """Key map between the reference `DreamModel` state_dict and our Dream parameter tree, and its config.json.
 
 Every LLM key of shared/spec/model.md §6.1 maps here; per-layer keys stack onto the scanned `layers` axis.
-Linear weights are transposed; q/k/v/o are reshaped to explicit head axes. The speech-input keys
+Linear weights are transposed, except the output head, kept [vocab, hidden] (see `models.dream`); q/k/v/o are
+reshaped to explicit head axes. The speech-input keys
 (`model.audio_model.*`, `model.audio_projection.*`) belong to the speech front end and are accounted for there.
 """
 
@@ -27,7 +28,7 @@ def dream_rules(cfg: DreamConfig) -> tuple[Rule, ...]:
     return (
         Rule("model.embed_tokens.weight", "embed_tokens/embedding", IDENTITY),
         Rule("model.norm.weight", "norm/weight", IDENTITY),
-        Rule("lm_head.weight", "lm_head/kernel", LINEAR),
+        Rule("lm_head.weight", "lm_head/embedding", IDENTITY),
         Rule(layer + "input_layernorm.weight", "layers/input_layernorm/weight", IDENTITY),
         Rule(layer + "post_attention_layernorm.weight", "layers/post_attention_layernorm/weight", IDENTITY),
         Rule(layer + "self_attn.q_proj.weight", "layers/self_attn/q_proj/kernel", heads_out(h, d)),

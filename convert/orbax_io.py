@@ -37,7 +37,7 @@ META_FILE = "omnidiff.json"
 PARAMS_DIR = "params"
 FILES_DIR = "hf"
 FORMAT = "omnidiff-orbax"
-VERSION = 1
+VERSION = 2  # 2: the output head is stored [vocab, hidden] (`lm_head/embedding`)
 _RESTORE_BYTES = 1 << 30  # read per orbax call, bounding the host memory in transit
 
 

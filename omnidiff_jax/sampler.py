@@ -380,7 +380,7 @@ def _program(cfg: DreamConfig, mesh, static: _Static):
         return module.apply({"params": params}, ids, method=Dream.embed)
 
     def lm_head(params, hidden):
-        return module.apply({"params": params}, hidden, method=lambda m, h: m.lm_head(h))
+        return module.apply({"params": params}, hidden, method=Dream.logits)
 
     def run(params, inputs: _Inputs, knobs: _Knobs, key):
         with sharding.activate(mesh):

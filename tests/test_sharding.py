@@ -32,13 +32,13 @@ SCRIPT = textwrap.dedent("""
         "o": p["layers"]["self_attn"]["o_proj"]["kernel"].sharding.spec,
         "gate": p["layers"]["mlp"]["gate_proj"]["kernel"].sharding.spec,
         "down": p["layers"]["mlp"]["down_proj"]["kernel"].sharding.spec,
-        "head": p["lm_head"]["kernel"].sharding.spec,
+        "head": p["lm_head"]["embedding"].sharding.spec,
         "norm": p["norm"]["weight"].sharding.spec,
     }
     want = {
         "embed": P("tensor", "fsdp"), "q": P(None, "fsdp", "tensor", None), "kv": P(None, "fsdp", "tensor", None),
         "o": P(None, "tensor", None, "fsdp"), "gate": P(None, "fsdp", "tensor"), "down": P(None, "tensor", "fsdp"),
-        "head": P("fsdp", "tensor"), "norm": P(None),
+        "head": P("tensor", "fsdp"), "norm": P(None),
     }
     for k in want:
         assert specs[k] == want[k], (k, specs[k], want[k])
@@ -57,7 +57,7 @@ SCRIPT = textwrap.dedent("""
     # a mesh axis that does not divide a dimension falls back to replication instead of failing
     odd = omnidiff_jax.load_model(folder, mesh=make_mesh(data=1, fsdp=1, tensor=8))
     assert odd.params["layers"]["self_attn"]["k_proj"]["kernel"].sharding.spec == P(None, None, None, None)
-    assert odd.params["lm_head"]["kernel"].sharding.spec == P(None, "tensor")
+    assert odd.params["lm_head"]["embedding"].sharding.spec == P("tensor", None)
     b = np.asarray(odd.logits(ids))
     assert np.abs(np.asarray(single.logits(ids)) - b).max() / np.abs(b).max() < 1e-5
     print("SHARDING-OK")

@@ -114,10 +114,10 @@ def test_loss_and_updates_match_the_reference(setup):
     params = state.params["dream"]
     np.testing.assert_allclose(params["embed_tokens"]["embedding"], state_dict["model.embed_tokens.weight"],
                                atol=2e-6)
-    np.testing.assert_allclose(params["lm_head"]["kernel"], state_dict["lm_head.weight"].T, atol=2e-6)
+    np.testing.assert_allclose(params["lm_head"]["embedding"], state_dict["lm_head.weight"], atol=2e-6)
     np.testing.assert_allclose(params["layers"]["mlp"]["up_proj"]["kernel"][1],
                                state_dict["model.layers.1.mlp.up_proj.weight"].T, atol=2e-6)
-    assert not np.allclose(params["lm_head"]["kernel"], model.params["lm_head"]["kernel"], atol=1e-4)
+    assert not np.allclose(params["lm_head"]["embedding"], model.params["lm_head"]["embedding"], atol=1e-4)
     np.testing.assert_array_equal(params["embed_tokens"]["embedding"][LAYOUT.pad], pad_row)  # frozen row
 
 
@@ -153,11 +153,11 @@ def test_resize_vocab_keeps_rows_and_draws_new_ones(tmp_path):
     folder = dream_ref.save_hf(torch_model, tmp_path / "base", c)
     cfg = dream_config(get_config("tiny"))
     params = init.load_dream_resized(folder, cfg, jax.random.key(0))
-    embed, head = np.asarray(params["embed_tokens"]["embedding"]), np.asarray(params["lm_head"]["kernel"])
-    assert embed.shape == (384, 64) and head.shape == (64, 384)
+    embed, head = np.asarray(params["embed_tokens"]["embedding"]), np.asarray(params["lm_head"]["embedding"])
+    assert embed.shape == head.shape == (384, 64)
     np.testing.assert_array_equal(embed[:250], torch_model.model.embed_tokens.weight.detach().numpy())
-    np.testing.assert_array_equal(head[:, :250], torch_model.lm_head.weight.detach().numpy().T)
-    for new in (embed[250:], head[:, 250:]):
+    np.testing.assert_array_equal(head[:250], torch_model.lm_head.weight.detach().numpy())
+    for new in (embed[250:], head[250:]):
         assert abs(new.std() - 0.02) < 0.002 and abs(new.mean()) < 0.002
     grown = init.resize_vocab(params, 390, jax.random.key(1))  # rounded up to a multiple of 8
     assert grown["embed_tokens"]["embedding"].shape == (392, 64)
@@ -329,14 +329,14 @@ for step in range(3):
     out[f"loss{step}"] = np.asarray(metrics["loss"])
     if step == 0:
         out.update({"mu/" + k: v for k, v in flatten(jax.device_get(optax.tree.get(state.opt_state, "mu"))).items()})
-head = state.params["dream"]["lm_head"]["kernel"]
-assert jax.device_count() == 8 and head.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-assert head.addressable_shards[0].data.shape == (32, 192) and batch["labels"].sharding.spec[1] == ("data", "fsdp")
+head = state.params["dream"]["lm_head"]["embedding"]
+assert jax.device_count() == 8 and head.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+assert head.addressable_shards[0].data.shape == (192, 32) and batch["labels"].sharding.spec[1] == ("data", "fsdp")
 out.update({"params/" + k: v for k, v in flatten(jax.device_get(state.params)).items()})
 from omnidiff_jax.model import param_shardings
 from omnidiff_jax.train.trainer import load_run_params
 restored = load_run_params(sys.argv[3], shardings={"dream": param_shardings(trainer.model_cfg, trainer.mesh)})
-assert restored["dream"]["lm_head"]["kernel"].sharding.spec == head.sharding.spec
+assert restored["dream"]["lm_head"]["embedding"].sharding.spec == head.sharding.spec
 out.update({"restored/" + k: v for k, v in flatten(jax.device_get(restored)).items()})
 np.savez(sys.argv[2], **out)
 """

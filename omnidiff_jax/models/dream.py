@@ -6,12 +6,16 @@ Follows shared/spec/model.md §1:
     for each of num_layers layers (pre-norm):
         h = x + o_proj(attn(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))   n = rms_norm(x)
         x = h + down_proj(silu(gate_proj(m)) * up_proj(m))                  m = rms_norm(h)
-    logits = lm_head(rms_norm(x))                          (untied)
+    logits = rms_norm(x) @ lm_head.T                       (untied; lm_head [V, H] as PyTorch stores it)
 
 Faithful details: q/k/v projections have biases, o_proj does not; RoPE is rotate-half with cos/sin computed in
 fp32 and cast to the compute dtype; RMSNorm normalises in fp32, casts back to the input dtype, *then* multiplies
 by the weight; attention is bidirectional (no causal mask anywhere). Logits are unshifted: the reference
 convention is that the output at position i-1 predicts the token at i (the sampler and loss shift).
+
+The output head is a [vocab, hidden] table used like a tied embedding (`nn.Embed.attend`) rather than a
+[hidden, vocab] `Dense` kernel: the released checkpoint stores it that way, so importing, exporting and loading
+the 1.3 GB table needs no transpose, and the matmul is the same either way.
 
 Layers run under `nn.scan` (parameters stacked on a leading `layers` axis) with a configurable remat policy.
 Parameters and activations carry logical axis names; `omnidiff_jax.sharding` maps them to mesh axes.
@@ -176,8 +180,8 @@ class Dream(nn.Module):
                               in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
-        self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                                kernel_init=_init(_normal, "embed", "vocab"))
+        self.lm_head = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                embedding_init=_init(_normal, "vocab", "embed"))
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Token embeddings [B, L, H] in the compute dtype (a plain gather)."""
@@ -198,5 +202,9 @@ class Dream(nn.Module):
         x = self.norm(x)
         if return_hidden:
             return x
-        logits = self.lm_head(x)
+        return self.logits(x)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final hidden states [B, L, H] -> logits [B, L, V] in the compute dtype."""
+        logits = self.lm_head.attend(hidden)
         return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
