@@ -2,10 +2,11 @@
 
 `import_checkpoint(src, dst)` streams a reference checkpoint (sharded or single safetensors, or a `.pt`/`.bin`
 loaded with `weights_only=True`) into an orbax folder (see `convert.orbax_io`): each parameter leaf is built
-from its source tensors, written, and dropped before the next is read, so memory stays near the size of the
-largest leaf however big the model. `export_checkpoint(src, dst)` runs the same key maps backwards, from an
-orbax folder or an `OmniModel` in memory, into sharded safetensors (each at most 5 GB) with an index, a
-reference config.json and the tokenizer files; tensors come back bit for bit.
+from its source tensors and handed to a background writer, which drops it once written, so memory stays within
+the writer's queue (`orbax_io.PENDING_BYTES`) plus the largest leaf however big the model.
+`export_checkpoint(src, dst)` runs the same key maps backwards, from an orbax folder or an `OmniModel` in memory,
+into sharded safetensors (each at most 5 GB) with an index, a reference config.json and the tokenizer files;
+tensors come back bit for bit.
 
 The model's parameters come in groups, each with its own key map and the source keys it claims: the speech
 input (SenseVoice encoder + projector, `model.audio_*`, when the checkpoint has it) and the Dream LLM (the rest).
@@ -30,7 +31,7 @@ import numpy as np
 
 from omnidiff_jax.convert import orbax_io
 from omnidiff_jax.convert.dream import dream_keymap, hf_config, read_hf_config
-from omnidiff_jax.convert.keymap import ConversionError, KeyMap, Plan, flatten, unflatten
+from omnidiff_jax.convert.keymap import IDENTITY, ConversionError, KeyMap, Plan, flatten, unflatten
 from omnidiff_jax.convert.sensevoice import speech_keymap
 from omnidiff_jax.convert.sources import (CheckpointError, Source, TensorRef, open_source, read_safetensors_header,
                                           write_safetensors)
@@ -51,7 +52,6 @@ INDEX_FILE = "model.safetensors.index.json"
 # Files of a Hugging Face folder that travel with the weights: configs, tokenizer, remote code.
 HF_FILE_PATTERNS = ("*.json", "*.py", "*.txt", "*.model", "*.tiktoken", "*.jinja")
 _BATCH_BYTES = 256 << 20  # small leaves are handed to orbax together, up to this size
-_OVERLAP_BYTES = 1 << 30  # the next leaf is built while the last batch is written, within this many bytes
 _COPY_THREADS = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
 
 # progress(total tensors, total bytes) is called once and returns on_tensor(key, nbytes), called per tensor.
@@ -150,24 +150,32 @@ def import_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: str
     total = sum(source[k].nbytes for k in keys)
     on_tensor = progress(len(keys), total) if progress else None
 
+    leaves = [(group, path, entry, group.target[path].shape, dtypes_by_leaf[group.name, path])
+              for group, plan in plans for path, entry in plan.entries.items()]
+    # Leaves that are their source tensor unchanged (the embedding, the output head) go first, largest first (the
+    # others keep their order): the writer reads them from the source while the leaves that need work are built.
+    leaves.sort(key=lambda leaf: -_nbytes(*leaf[3:]) if _is_view(source, leaf[2], leaf[4]) else 0)
     with orbax_io.writing(dst, force) as ckpt:
-        leaves = [(group, path, entry) for group, plan in plans for path, entry in plan.entries.items()]
-        batch, batch_bytes, in_flight = {}, 0, 0
-        for n, (group, path, entry) in enumerate(leaves):
-            shape, leaf_dtype = group.target[path].shape, dtypes_by_leaf[group.name, path]
-            if in_flight + _nbytes(shape, leaf_dtype) > _OVERLAP_BYTES:
-                ckpt.wait()  # bounds the memory held by the background save
-                in_flight = 0
+        batch, batch_keys, batch_bytes = {}, [], 0
+
+        def hand_over():  # progress counts a source tensor once its leaf is on disk
+            done = on_tensor and functools.partial(_report, on_tensor, [(k, source[k].nbytes) for k in batch_keys])
+            ckpt.add_params(unflatten(batch), done)
+
+        mapped.prefetch(leaves[0][2].keys.values())
+        for n, (group, path, entry, shape, leaf_dtype) in enumerate(leaves):
+            ckpt.make_room(batch_bytes + _nbytes(shape, leaf_dtype))
             if n + 1 < len(leaves):
-                mapped.prefetch(k for ks in leaves[n + 1][2].keys.values() for k in ks)
-            leaf = _build_leaf(source, entry, shape, leaf_dtype, on_tensor)
+                mapped.prefetch(leaves[n + 1][2].keys.values())
+            leaf = _build_leaf(source, entry, shape, leaf_dtype)
             batch[f"{group.name}/{path}"] = leaf
+            batch_keys += [k for keys in entry.keys.values() for k in keys]
             batch_bytes += leaf.nbytes
             if batch_bytes >= _BATCH_BYTES:
-                ckpt.add_params(unflatten(batch))
-                batch, batch_bytes, in_flight = {}, 0, batch_bytes
+                hand_over()
+                batch, batch_keys, batch_bytes = {}, [], 0
         if batch:
-            ckpt.add_params(unflatten(batch))
+            hand_over()
         for file in hf_files(folder):
             ckpt.add_file(file)
         dropped = {k: why for _, plan in plans for k, why in plan.dropped.items()}
@@ -204,7 +212,13 @@ def _first_key(plan: Plan, path: str) -> str:
     return next(iter(plan.entries[path].keys.values()))[0]
 
 
-def _build_leaf(source: Source, entry, shape, dtype: np.dtype, on_tensor) -> np.ndarray:
+def _is_view(source: Source, entry, dtype: np.dtype) -> bool:
+    """Whether `_build_leaf` returns the leaf's one source tensor itself, uncopied."""
+    (index, keys), = entry.keys.items() if len(entry.keys) == 1 else ((0, ()),)
+    return index is None and entry.rule.transform is IDENTITY and source[keys[0]].dtype == dtype
+
+
+def _build_leaf(source: Source, entry, shape, dtype: np.dtype) -> np.ndarray:
     """One target leaf from its source tensors (one per layer when stacked), through the rule's transform.
 
     A leaf that is its source tensor unchanged (an embedding, a norm) is not copied at all.
@@ -217,10 +231,12 @@ def _build_leaf(source: Source, entry, shape, dtype: np.dtype, on_tensor) -> np.
         else:
             out = np.empty(shape, dtype) if out is None else out
             copy_into(out if i is None else out[i], view)
-        if on_tensor is not None:
-            for k in keys:
-                on_tensor(k, source[k].nbytes)
     return out
+
+
+def _report(on_tensor: Callable[[str, int], None], tensors: list[tuple[str, int]]) -> None:
+    for key, nbytes in tensors:
+        on_tensor(key, nbytes)
 
 
 def copy_into(out: np.ndarray, view: np.ndarray, block_bytes: int = 1 << 20) -> None:
@@ -254,7 +270,7 @@ class _MappedTensors:
     The lazy readers map each file once, and a map keeps every page it touched resident (and counted in the
     process's memory) while the file is open. A map per tensor is closed, and its pages released, as soon as
     the tensor (or the leaf that is a view of it) is dropped, so a streaming import never holds the whole file.
-    `prefetch(keys)` asks the kernel to start reading tensors into the page cache (posix_fadvise WILLNEED) in
+    `prefetch(key_lists)` asks the kernel to start reading tensors into the page cache (posix_fadvise WILLNEED) in
     the background, so the disk works on the next leaf while this one is converted.
     """
 
@@ -279,8 +295,9 @@ class _MappedTensors:
         data = np.memmap(ref.origin, np.uint8, mode="r", offset=self._offset(ref), shape=(ref.nbytes,))
         return np.asarray(data).view(ref.dtype).reshape(ref.shape)
 
-    def prefetch(self, keys) -> None:
-        spans = [(r.origin, self._offset(r), r.nbytes) for r in map(self.source.__getitem__, keys) if self._mapped(r)]
+    def prefetch(self, key_lists) -> None:
+        refs = [self.source[k] for keys in key_lists for k in keys]
+        spans = [(r.origin, self._offset(r), r.nbytes) for r in refs if self._mapped(r)]
         if spans and hasattr(os, "posix_fadvise"):
             self._readahead.submit(_advise_willneed, spans)
 

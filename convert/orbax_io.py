@@ -21,10 +21,12 @@ import dataclasses
 import json
 import logging
 import os
+import queue
 import secrets
 import shutil
+import threading
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -39,6 +41,7 @@ FILES_DIR = "hf"
 FORMAT = "omnidiff-orbax"
 VERSION = 2  # 2: the output head is stored [vocab, hidden] (`lm_head/embedding`)
 _RESTORE_BYTES = 1 << 30  # read per orbax call, bounding the host memory in transit
+PENDING_BYTES = 2 << 30  # parameters queued for writing, at most (plus the caller's next tree)
 
 
 def _context(partial_load: bool = False) -> ocp.Context:
@@ -108,34 +111,87 @@ def _unique_sibling(path: Path, tag: str) -> Path:
 
 
 class CheckpointWriter:
-    """A checkpoint folder under construction (see `writing`): add parameters and files, fill `meta`."""
+    """A checkpoint folder under construction (see `writing`): add parameters and files, fill `meta`.
 
-    def __init__(self, folder: Path):
+    Parameters are written by a background thread, one `add_params` tree at a time (orbax partial saves must not
+    overlap), while the caller builds the next; `make_room` keeps what is queued within `pending_bytes`.
+    """
+
+    def __init__(self, folder: Path, pending_bytes: int = PENDING_BYTES):
         self.folder = folder
         self.meta: dict = {}
-        self._pending: ocp.AsyncResponse | None = None
+        self._budget = pending_bytes
+        self._queued = 0  # bytes handed to add_params and not yet written
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
+        self._trees: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._write_trees, name="omnidiff-checkpoint-writer", daemon=True)
+        self._thread.start()
         (folder / FILES_DIR).mkdir()
 
-    def add_params(self, tree: Mapping) -> None:
-        """Saves a tree of NumPy arrays (a part of the full tree; no leaf may be saved twice) in the background,
-        once the previous save is done (orbax partial saves must not overlap). The arrays must stay unchanged
-        until the next `add_params` or `wait` returns."""
-        self.wait()
-        with _context():
-            self._pending = ocp.partial.save_async(self.folder / PARAMS_DIR, tree)
+    def add_params(self, tree: Mapping, written: Callable[[], None] | None = None) -> None:
+        """Queues a tree of NumPy arrays (a part of the full tree; no leaf may be saved twice) to be written in the
+        background, then `written()` to be called (in the writing thread). The arrays must stay unchanged until
+        written (`wait`). An earlier write's error is raised here."""
+        self._raise()
+        with self._changed:
+            self._queued += sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
+        self._trees.put((tree, written))
+
+    def make_room(self, nbytes: int) -> None:
+        """Waits until the parameters queued for writing plus `nbytes` more fit in `pending_bytes` (or nothing is
+        queued), so that a caller building leaves as it goes holds a bounded amount of memory."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._error is not None or not self._queued
+                                   or self._queued + nbytes <= self._budget)
+        self._raise()
 
     def add_file(self, path: Path) -> None:
         """Copies a non-weight file (tokenizer, generation config, ...) into the folder's `hf/`."""
         shutil.copy2(path, self.folder / FILES_DIR / path.name)
 
     def wait(self) -> None:
-        """Waits until the parameters saved so far are on disk."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+        """Waits until the parameters added so far are on disk; raises the first error writing them met."""
+        self._trees.join()
+        self._raise()
+
+    def _write_trees(self) -> None:
+        while True:
+            tree, written = self._trees.get()
+            try:
+                if tree is None:
+                    return
+                if self._error is None:
+                    with _context():
+                        ocp.partial.save(self.folder / PARAMS_DIR, tree)
+                    if written is not None:
+                        written()
+            except BaseException as e:  # handed to the caller's thread by _raise
+                self._error = e
+            finally:
+                with self._changed:
+                    self._queued -= sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
+                    self._changed.notify_all()
+                self._trees.task_done()
+                del tree, written  # the arrays (and the files memory-mapped under them) go before the next save starts
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _stop(self) -> None:
+        """Ends the writing thread once it has written (or, after an error, skipped) what is queued."""
+        self._trees.put((None, None))
+        self._thread.join()
+
+    def _abandon(self) -> None:
+        if self._error is None:
+            self._error = CheckpointError(f"{self.folder}: writing was abandoned")  # skips what is still queued
+        self._stop()
 
     def _finish(self) -> None:
         self.wait()
+        self._stop()
         with _context():
             ocp.partial.finalize(self.folder / PARAMS_DIR)
         meta = {"format": FORMAT, "version": VERSION, **self.meta}
@@ -143,22 +199,23 @@ class CheckpointWriter:
 
 
 @contextlib.contextmanager
-def writing(dst: str | os.PathLike, force: bool = False) -> Iterator[CheckpointWriter]:
-    """Builds a checkpoint folder at `dst` (refused if it exists, unless `force`), atomically.
+def writing(dst: str | os.PathLike, force: bool = False,
+            pending_bytes: int = PENDING_BYTES) -> Iterator[CheckpointWriter]:
+    """Builds a checkpoint folder at `dst` (refused if it exists, unless `force`), atomically; at most
+    `pending_bytes` of parameters wait to be written when the caller uses `make_room`.
 
         with writing(dst) as ckpt:
             ckpt.add_params({"dream": {...}})
             ckpt.meta["model"] = {...}
     """
     with staging_folder(dst, force) as tmp:
-        writer = CheckpointWriter(tmp)
+        writer = CheckpointWriter(tmp, pending_bytes)
         try:
             yield writer
+            writer._finish()
         except BaseException:
-            with contextlib.suppress(Exception):
-                writer.wait()  # no background save may outlive the folder
+            writer._abandon()  # no background write may outlive the folder
             raise
-        writer._finish()
 
 
 # --------------------------------------------------------------------------------------------------- reading

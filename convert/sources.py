@@ -238,7 +238,8 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
         if dtype not in _DTYPE_NAMES:
             raise ValueError(f"tensor {key!r}: dtype {dtype} cannot be stored in safetensors")
         nbytes = int(np.prod(arr.shape, dtype=np.int64)) * dtype.itemsize
-        header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+        header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(arr.shape),
+                       "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     if metadata:
         header["__metadata__"] = metadata

@@ -5,9 +5,9 @@ reports wall time (from after its Python modules are loaded), peak RSS (VmHWM) a
 speed of the same files. Goals: import peak RSS <= 1.5 x the largest shard + 1 GB; import throughput >= 50% of the
 raw read speed. Files are deleted.
 
-One more phase measures the floor any import to orbax has: `orbax_write` reads every source tensor into memory
-first (untimed), then times writing exactly those bytes as one orbax checkpoint with our writer's settings — no
-conversion work at all.
+One more phase measures our writer alone: `orbax_write` reads every source tensor into memory first (untimed),
+then times writing exactly those bytes to an orbax checkpoint, handed to the writer in the import's batch size —
+no reading or conversion work (the import overlaps those with its writes).
 
     python scripts/bench_convert.py [--layers 2] [--shard-gb 2] [--repeat 3] [--workdir /tmp]
         [--json out/bench_convert.json]
@@ -122,12 +122,18 @@ def phase(name: str, src: str, dst: str) -> dict:
     modules are imported (interpreter start-up is not throughput)."""
     import jax
     from omnidiff_jax.convert.keymap import unflatten
+    from omnidiff_jax.convert import omni, orbax_io
     from omnidiff_jax.convert.omni import export_checkpoint, import_checkpoint, load_orbax_model
-    from omnidiff_jax.convert import orbax_io
     from omnidiff_jax.convert.sources import safetensors_folder
     from omnidiff_jax.model import load_model
-    if name == "orbax_write":  # the arrays are in memory before the clock starts
-        tree = unflatten({k.replace(".", "/"): np.array(ref.read()) for k, ref in safetensors_folder(src).items()})
+    if name == "orbax_write":  # the arrays are in memory before the clock starts, in batches as the import has them
+        arrays = {k.replace(".", "/"): np.array(ref.read()) for k, ref in safetensors_folder(src).items()}
+        batches, size = [{}], 0
+        for key, array in arrays.items():
+            if size >= omni._BATCH_BYTES:
+                batches, size = batches + [{}], 0
+            batches[-1][key] = array
+            size += array.nbytes
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     if name == "raw_read":
         nbytes, buf = 0, bytearray(64 << 20)
@@ -137,8 +143,9 @@ def phase(name: str, src: str, dst: str) -> dict:
                     nbytes += n
     elif name == "orbax_write":
         with orbax_io.writing(dst) as ckpt:
-            ckpt.add_params(tree)
-        nbytes = sum(x.nbytes for x in jax.tree.leaves(tree))
+            for batch in batches:
+                ckpt.add_params(unflatten(batch))
+        nbytes = sum(a.nbytes for a in arrays.values())
     elif name == "import":
         nbytes = import_checkpoint(src, dst).nbytes
     elif name == "export":

@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import jax
@@ -331,3 +332,37 @@ def test_leaf_by_leaf_saves_in_the_background(f32, tmp_path, monkeypatch):
     single = flatten(load_orbax_model(f32[1]).params)
     for path, leaf in flatten(load_orbax_model(tmp_path / "ox").params).items():
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(single[path]), err_msg=path)
+
+
+def test_background_writer_bounds_its_queue_and_raises_its_errors(tmp_path, monkeypatch):
+    """`make_room` holds the caller until what is queued fits the budget; a write that fails in the background is
+    raised to the caller at its next call, and no folder is left behind."""
+    written, real_save = [], orbax_io.ocp.partial.save
+
+    def slow_save(path, tree):
+        time.sleep(0.1)  # a slow disk: the caller would run ahead if nothing held it
+        if "boom" in tree:
+            raise OSError("No space left on device")
+        real_save(path, tree)
+        written.append(next(iter(tree)))
+
+    monkeypatch.setattr(orbax_io.ocp.partial, "save", slow_save)
+    arrays = {f"a{i}": np.full((1000,), i, np.float32) for i in range(4)}  # 4 kB each
+    with orbax_io.writing(tmp_path / "ok", pending_bytes=6000) as ckpt:
+        for n, (name, array) in enumerate(arrays.items()):
+            ckpt.make_room(array.nbytes)  # 4 kB more fit only once the queue is empty
+            assert written == list(arrays)[:n]
+            ckpt.add_params({name: array})
+    got = orbax_io.restore(tmp_path / "ok", {k: jax.ShapeDtypeStruct(a.shape, a.dtype) for k, a in arrays.items()})
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(got[name], array)
+
+    with pytest.raises(OSError, match="No space left"):
+        with orbax_io.writing(tmp_path / "bad") as ckpt:
+            ckpt.add_params({"boom": arrays["a0"]})
+            ckpt.wait()
+    with pytest.raises(OSError, match="No space left"):
+        with orbax_io.writing(tmp_path / "bad") as ckpt:
+            ckpt.add_params({"boom": arrays["a0"]})
+            ckpt.make_room(1 << 40)  # returns once the queue is empty: with the error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]
