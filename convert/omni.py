@@ -48,6 +48,7 @@ LLM_GROUP = "dream"  # `OmniModel.params`
 SPEECH_GROUP = "speech"  # `OmniModel.speech.params`: {"encoder": ..., "projector": ...}
 SPEECH_KEYS = r"model\.audio_(model|projection)\..*"
 MAX_SHARD_BYTES = 5 * 10**9
+LAYOUT = 2  # of our parameter tree in an imported folder; 2: the output head is `lm_head/embedding` [V, H]
 INDEX_FILE = "model.safetensors.index.json"
 # Files of a Hugging Face folder that travel with the weights: configs, tokenizer, remote code.
 HF_FILE_PATTERNS = ("*.json", "*.py", "*.txt", "*.model", "*.tiktoken", "*.jinja")
@@ -159,27 +160,27 @@ def import_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: str
         batch, batch_keys, batch_bytes = {}, [], 0
 
         def hand_over():  # progress counts a source tensor once its leaf is on disk
+            nonlocal batch, batch_keys, batch_bytes
             done = on_tensor and functools.partial(_report, on_tensor, [(k, source[k].nbytes) for k in batch_keys])
             ckpt.add_params(unflatten(batch), done)
+            batch, batch_keys, batch_bytes = {}, [], 0  # the writer alone holds the leaves now
 
         mapped.prefetch(leaves[0][2].keys.values())
         for n, (group, path, entry, shape, leaf_dtype) in enumerate(leaves):
             ckpt.make_room(batch_bytes + _nbytes(shape, leaf_dtype))
             if n + 1 < len(leaves):
                 mapped.prefetch(leaves[n + 1][2].keys.values())
-            leaf = _build_leaf(source, entry, shape, leaf_dtype)
-            batch[f"{group.name}/{path}"] = leaf
+            batch[f"{group.name}/{path}"] = _build_leaf(source, entry, shape, leaf_dtype)
             batch_keys += [k for keys in entry.keys.values() for k in keys]
-            batch_bytes += leaf.nbytes
+            batch_bytes += _nbytes(shape, leaf_dtype)
             if batch_bytes >= _BATCH_BYTES:
                 hand_over()
-                batch, batch_keys, batch_bytes = {}, [], 0
         if batch:
             hand_over()
         for file in hf_files(folder):
             ckpt.add_file(file)
         dropped = {k: why for _, plan in plans for k, why in plan.dropped.items()}
-        ckpt.meta.update(model=dataclasses.asdict(cfg), vocab=dataclasses.asdict(layout),
+        ckpt.meta.update(layout=LAYOUT, model=dataclasses.asdict(cfg), vocab=dataclasses.asdict(layout),
                          speech=speech and {"encoder": dataclasses.asdict(speech[0]),
                                             "projector": dataclasses.asdict(speech[1])},
                          source=str(src.absolute()), dropped=dropped)
@@ -363,6 +364,10 @@ def _split_groups(flat: Mapping) -> dict[str, dict]:
 
 def _stored_config(path: Path) -> tuple[DreamConfig, TokenLayout, Speech | None]:
     meta = orbax_io.read_meta(path)
+    if meta.get("layout", 1) != LAYOUT:
+        raise CheckpointError(f"{path / orbax_io.META_FILE}: parameter layout {meta.get('layout', 1)}, expected "
+                              f"{LAYOUT} (the output head is now [vocab, hidden]); import the reference checkpoint "
+                              "again with `omnidiff convert import`")
     try:
         speech = meta.get("speech")
         if speech is not None:

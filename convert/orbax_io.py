@@ -39,7 +39,7 @@ META_FILE = "omnidiff.json"
 PARAMS_DIR = "params"
 FILES_DIR = "hf"
 FORMAT = "omnidiff-orbax"
-VERSION = 2  # 2: the output head is stored [vocab, hidden] (`lm_head/embedding`)
+VERSION = 1
 _RESTORE_BYTES = 1 << 30  # read per orbax call, bounding the host memory in transit
 PENDING_BYTES = 2 << 30  # parameters queued for writing, at most (plus the caller's next tree)
 
@@ -125,9 +125,10 @@ class CheckpointWriter:
         self._error: BaseException | None = None
         self._changed = threading.Condition()
         self._trees: queue.Queue = queue.Queue()
+        self._stopped = False
+        (folder / FILES_DIR).mkdir()
         self._thread = threading.Thread(target=self._write_trees, name="omnidiff-checkpoint-writer", daemon=True)
         self._thread.start()
-        (folder / FILES_DIR).mkdir()
 
     def add_params(self, tree: Mapping, written: Callable[[], None] | None = None) -> None:
         """Queues a tree of NumPy arrays (a part of the full tree; no leaf may be saved twice) to be written in the
@@ -152,6 +153,7 @@ class CheckpointWriter:
 
     def wait(self) -> None:
         """Waits until the parameters added so far are on disk; raises the first error writing them met."""
+        self._raise()
         self._trees.join()
         self._raise()
 
@@ -178,11 +180,15 @@ class CheckpointWriter:
     def _raise(self) -> None:
         if self._error is not None:
             raise self._error
+        if self._stopped:
+            raise CheckpointError(f"{self.folder}: the checkpoint is already written")
 
     def _stop(self) -> None:
         """Ends the writing thread once it has written (or, after an error, skipped) what is queued."""
-        self._trees.put((None, None))
-        self._thread.join()
+        if not self._stopped:
+            self._trees.put((None, None))
+            self._thread.join()
+            self._stopped = True
 
     def _abandon(self) -> None:
         if self._error is None:

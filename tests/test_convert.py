@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -221,6 +222,18 @@ def test_broken_files_are_named(ref, f32, tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+def test_folder_from_an_older_layout_is_refused_with_the_remedy(f32, tmp_path):
+    """A folder imported when the output head was stored [hidden, vocab] says so, instead of a missing key."""
+    old = tmp_path / "old"
+    shutil.copytree(f32[1], old)
+    meta = json.loads((old / orbax_io.META_FILE).read_text())
+    assert meta.pop("layout") == 2
+    (old / orbax_io.META_FILE).write_text(json.dumps(meta))
+    for load in (load_orbax_model, lambda path: export_checkpoint(path, tmp_path / "hf")):
+        with pytest.raises(CheckpointError, match="parameter layout 1, expected 2.*omnidiff convert import"):
+            load(old)
+
+
 def test_existing_destination_needs_force_and_interruptions_leave_nothing(f32, tmp_path):
     src = f32[0]
     dst = tmp_path / "ckpt"
@@ -358,6 +371,9 @@ def test_background_writer_bounds_its_queue_and_raises_its_errors(tmp_path, monk
             ckpt.make_room(array.nbytes)  # 4 kB more fit only once the queue is empty
             assert written == list(arrays)[:n]
             ckpt.add_params({name: array})
+    for late in (lambda: ckpt.add_params({"late": arrays["a0"]}), ckpt.wait):  # an error, not a silent loss or hang
+        with pytest.raises(CheckpointError, match="already written"):
+            late()
     got = orbax_io.restore(tmp_path / "ok", {k: jax.ShapeDtypeStruct(a.shape, a.dtype) for k, a in arrays.items()})
     for name, array in arrays.items():
         np.testing.assert_array_equal(got[name], array)
