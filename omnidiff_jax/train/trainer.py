@@ -388,7 +388,9 @@ def load_run_params(workdir: str | os.PathLike, step: int | None = None, shardin
     start the next stage or to export. Reads only the parameters: as NumPy arrays, or as arrays laid out by
     `shardings` (a tree over some of the saved top-level entries; the rest come back replicated)."""
     folder = (Path(workdir) / "checkpoints").absolute()
-    manager = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(read_only=True),
+    # what read_only implies, said outright, so that orbax does not warn that it changes them
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+    manager = ocp.CheckpointManager(folder, options=options,
                                     item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                                                    "data": grain.checkpoint.CheckpointHandler()})
     step = manager.latest_step() if step is None else step
