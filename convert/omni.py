@@ -214,7 +214,8 @@ def _first_key(plan: Plan, path: str) -> str:
 
 
 def _is_view(source: Source, entry, dtype: np.dtype) -> bool:
-    """Whether `_build_leaf` returns the leaf's one source tensor itself, uncopied."""
+    """True when `_build_leaf` will return the leaf's one source tensor itself, uncopied: an unstacked leaf whose
+    rule changes nothing, in the source's dtype."""
     (index, keys), = entry.keys.items() if len(entry.keys) == 1 else ((0, ()),)
     return index is None and entry.rule.transform is IDENTITY and source[keys[0]].dtype == dtype
 

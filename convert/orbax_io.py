@@ -135,9 +135,10 @@ class CheckpointWriter:
         background, then `written()` to be called (in the writing thread). The arrays must stay unchanged until
         written (`wait`). An earlier write's error is raised here."""
         self._raise()
+        nbytes = sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
         with self._changed:
-            self._queued += sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
-        self._trees.put((tree, written))
+            self._queued += nbytes
+        self._trees.put((tree, nbytes, written))
 
     def make_room(self, nbytes: int) -> None:
         """Waits until the parameters queued for writing plus `nbytes` more fit in `pending_bytes` (or nothing is
@@ -159,7 +160,7 @@ class CheckpointWriter:
 
     def _write_trees(self) -> None:
         while True:
-            tree, written = self._trees.get()
+            tree, nbytes, written = self._trees.get()
             try:
                 if tree is None:
                     return
@@ -172,7 +173,7 @@ class CheckpointWriter:
                 self._error = e
             finally:
                 with self._changed:
-                    self._queued -= sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
+                    self._queued -= nbytes
                     self._changed.notify_all()
                 self._trees.task_done()
                 del tree, written  # the arrays (and the files memory-mapped under them) go before the next save starts
@@ -186,7 +187,7 @@ class CheckpointWriter:
     def _stop(self) -> None:
         """Ends the writing thread once it has written (or, after an error, skipped) what is queued."""
         if not self._stopped:
-            self._trees.put((None, None))
+            self._trees.put((None, 0, None))
             self._thread.join()
             self._stopped = True
 

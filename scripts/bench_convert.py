@@ -207,7 +207,7 @@ def main():
         return
 
     work = Path(tempfile.mkdtemp(prefix="bench_convert-", dir=args.workdir))
-    src, ox, back, floor = work / "hf", work / "orbax", work / "hf_back", work / "orbax_write"
+    src, ox, back, ox_write = work / "hf", work / "orbax", work / "hf_back", work / "orbax_write"
     try:
         start = time.perf_counter()
         generate(src, args.layers, int(args.shard_gb * 1e9))
@@ -216,7 +216,7 @@ def main():
         params = sum(int(np.prod(s)) for s in reference_keys(args.layers).values())
         print(f"generated {params / 1e9:.2f}B parameters in {len(shards)} shards (largest {largest / 1e9:.2f} GB) "
               f"in {time.perf_counter() - start:.0f} s", flush=True)
-        phases = [("raw_read", src, None), ("orbax_write", src, floor), ("import", src, ox), ("export", ox, back),
+        phases = [("raw_read", src, None), ("orbax_write", src, ox_write), ("import", src, ox), ("export", ox, back),
                   ("load_orbax", ox, None), ("load_direct", src, None)]
         results = {name: run_phase(name, a, b, args.repeat) for name, a, b in phases}
         tensors = verify(src, back)
