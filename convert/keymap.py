@@ -18,9 +18,10 @@ rules backwards.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -217,7 +218,7 @@ class KeyMap:
                         missing.append(k)
                 if any(k not in source_shapes for k in entry.keys[i]):
                     continue
-                got = _forward_shape(entry.rule.transform, [source_shapes[k] for k in entry.keys[i]])
+                got = _forward_shape(entry.rule.transform, tuple(tuple(source_shapes[k]) for k in entry.keys[i]))
                 expect = tuple(shape[1:]) if entry.rule.stacked else tuple(shape)
                 if got != expect:
                     problems.append(f"shape mismatch for {entry.keys[i][0]!r}: found "
@@ -299,8 +300,9 @@ def _missing_name(rule_res, path: str, shape: tuple[int, ...]) -> str:
     return f"<no rule produces {path}>"
 
 
-def _forward_shape(transform: Transform, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
-    structs = [jax.ShapeDtypeStruct(tuple(s), np.float32) for s in shapes]
+@functools.lru_cache(maxsize=4096)  # a model's layers repeat a few shapes hundreds of times
+def _forward_shape(transform: Transform, shapes: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
+    structs = [jax.ShapeDtypeStruct(s, np.float32) for s in shapes]
     try:
         return tuple(jax.eval_shape(transform.forward, *structs).shape)
     except (TypeError, ValueError) as e:

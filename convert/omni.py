@@ -15,6 +15,7 @@ Plans for all groups are checked before any data is read, and every problem is r
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -156,22 +157,30 @@ def import_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: str
     # Leaves that are their source tensor unchanged (the embedding, the output head) go first, largest first (the
     # others keep their order): the writer reads them from the source while the leaves that need work are built.
     leaves.sort(key=lambda leaf: -_nbytes(*leaf[3:]) if _is_view(source, leaf[2], leaf[4]) else 0)
+    uses = collections.Counter(k for leaf in leaves for keys in leaf[2].keys.values() for k in keys)
     with orbax_io.writing(dst, force) as ckpt:
-        batch, batch_keys, batch_bytes = {}, [], 0
+        batch, batch_keys, batch_views, batch_bytes = {}, [], [], 0
 
         def hand_over():  # progress counts a source tensor once its leaf is on disk
-            nonlocal batch, batch_keys, batch_bytes
-            done = on_tensor and functools.partial(_report, on_tensor, [(k, source[k].nbytes) for k in batch_keys])
-            ckpt.add_params(unflatten(batch), done)
-            batch, batch_keys, batch_bytes = {}, [], 0  # the writer alone holds the leaves now
+            nonlocal batch, batch_keys, batch_views, batch_bytes
+            ckpt.add_params(unflatten(batch), functools.partial(
+                _written, on_tensor, [(k, source[k].nbytes) for k in batch_keys], mapped, batch_views))
+            batch, batch_keys, batch_views, batch_bytes = {}, [], [], 0  # the writer alone holds the leaves now
 
         mapped.prefetch(leaves[0][2].keys.values())
         for n, (group, path, entry, shape, leaf_dtype) in enumerate(leaves):
             ckpt.make_room(batch_bytes + _nbytes(shape, leaf_dtype))
             if n + 1 < len(leaves):
                 mapped.prefetch(leaves[n + 1][2].keys.values())
-            batch[f"{group.name}/{path}"] = _build_leaf(source, entry, shape, leaf_dtype)
-            batch_keys += [k for keys in entry.keys.values() for k in keys]
+            batch[f"{group.name}/{path}"], copied = _build_leaf(source, entry, shape, leaf_dtype)
+            leaf_keys = [k for keys in entry.keys.values() for k in keys]
+            # source tensors no other leaf reads leave the page cache once read: once copied, or when written
+            unshared = [k for k in leaf_keys if uses[k] == 1]
+            if copied:
+                mapped.release(unshared)
+            else:
+                batch_views += unshared
+            batch_keys += leaf_keys
             batch_bytes += _nbytes(shape, leaf_dtype)
             if batch_bytes >= _BATCH_BYTES:
                 hand_over()
@@ -220,24 +229,28 @@ def _is_view(source: Source, entry, dtype: np.dtype) -> bool:
     return index is None and entry.rule.transform is IDENTITY and source[keys[0]].dtype == dtype
 
 
-def _build_leaf(source: Source, entry, shape, dtype: np.dtype) -> np.ndarray:
-    """One target leaf from its source tensors (one per layer when stacked), through the rule's transform.
+def _build_leaf(source: Source, entry, shape, dtype: np.dtype) -> tuple[np.ndarray, bool]:
+    """One target leaf from its source tensors (one per layer when stacked), through the rule's transform, and
+    whether it was copied out of them.
 
-    A leaf that is its source tensor unchanged (an embedding, a norm) is not copied at all.
+    A leaf that is its source tensor unchanged or reshaped (an embedding, a norm) is not copied at all.
     """
     out = None
     for i, keys in entry.keys.items():
         view = np.asarray(entry.rule.transform.forward(*(source[k].read() for k in keys)))
         if i is None and view.flags.c_contiguous and view.dtype == dtype:
-            out = view
-        else:
-            out = np.empty(shape, dtype) if out is None else out
-            copy_into(out if i is None else out[i], view)
-    return out
+            return view, False
+        out = np.empty(shape, dtype) if out is None else out
+        copy_into(out if i is None else out[i], view)
+    return out, True
 
 
-def _report(on_tensor: Callable[[str, int], None], tensors: list[tuple[str, int]]) -> None:
-    for key, nbytes in tensors:
+def _written(on_tensor: Callable[[str, int], None] | None, tensors: list[tuple[str, int]],
+             mapped: "_MappedTensors", views: list[str]) -> None:
+    """A batch is on disk (and dropped): progress counts its tensors, and the source tensors its leaves were
+    views of leave the page cache."""
+    mapped.release(views)
+    for key, nbytes in tensors if on_tensor is not None else ():
         on_tensor(key, nbytes)
 
 
@@ -273,7 +286,9 @@ class _MappedTensors:
     process's memory) while the file is open. A map per tensor is closed, and its pages released, as soon as
     the tensor (or the leaf that is a view of it) is dropped, so a streaming import never holds the whole file.
     `prefetch(key_lists)` asks the kernel to start reading tensors into the page cache (posix_fadvise WILLNEED) in
-    the background, so the disk works on the next leaf while this one is converted.
+    the background, so the disk works on the next leaf while this one is converted; `release(keys)` drops tensors
+    no longer needed from the page cache (DONTNEED), so that the memory they held is reused at once for what the
+    import writes, rather than fresh memory taken (on a VM, first touching memory is what costs).
     """
 
     def __init__(self, source: Source):
@@ -298,19 +313,21 @@ class _MappedTensors:
         return np.asarray(data).view(ref.dtype).reshape(ref.shape)
 
     def prefetch(self, key_lists) -> None:
-        refs = [self.source[k] for keys in key_lists for k in keys]
-        spans = [(r.origin, self._offset(r), r.nbytes) for r in refs if self._mapped(r)]
-        if spans and hasattr(os, "posix_fadvise"):
-            self._readahead.submit(_advise_willneed, spans)
+        if hasattr(os, "posix_fadvise"):
+            self._readahead.submit(self._advise, [k for keys in key_lists for k in keys], "POSIX_FADV_WILLNEED")
 
+    def release(self, keys: list[str]) -> None:
+        if keys and hasattr(os, "posix_fadvise"):
+            self._advise(keys, "POSIX_FADV_DONTNEED")
 
-def _advise_willneed(spans) -> None:
-    for path, offset, nbytes in spans:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
+    def _advise(self, keys: list[str], advice: str) -> None:
+        for ref in (self.source[k] for k in keys):
+            if self._mapped(ref):
+                fd = os.open(ref.origin, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, self._offset(ref), ref.nbytes, getattr(os, advice))
+                finally:
+                    os.close(fd)
 
 
 def hf_files(folder: str | os.PathLike) -> list[Path]:

@@ -132,8 +132,8 @@ class CheckpointWriter:
 
     def add_params(self, tree: Mapping, written: Callable[[], None] | None = None) -> None:
         """Queues a tree of NumPy arrays (a part of the full tree; no leaf may be saved twice) to be written in the
-        background, then `written()` to be called (in the writing thread). The arrays must stay unchanged until
-        written (`wait`). An earlier write's error is raised here."""
+        background, then `written()` to be called (in the writing thread, once the writer has let go of the
+        arrays). The arrays must stay unchanged until written (`wait`). An earlier write's error is raised here."""
         self._raise()
         nbytes = sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
         with self._changed:
@@ -167,6 +167,7 @@ class CheckpointWriter:
                 if self._error is None:
                     with _context():
                         ocp.partial.save(self.folder / PARAMS_DIR, tree)
+                    tree = None  # the arrays (and the files memory-mapped under them) go before `written` runs
                     if written is not None:
                         written()
             except BaseException as e:  # handed to the caller's thread by _raise
@@ -176,7 +177,7 @@ class CheckpointWriter:
                     self._queued -= nbytes
                     self._changed.notify_all()
                 self._trees.task_done()
-                del tree, written  # the arrays (and the files memory-mapped under them) go before the next save starts
+                tree = written = None  # and before the next save starts
 
     def _raise(self) -> None:
         if self._error is not None:
