@@ -1,13 +1,16 @@
 """Benchmark: checkpoint conversion at scale. A synthetic bf16 checkpoint in the released model's key layout (real
 widths, fewer layers, every speech-input key; >= 1.5B parameters, several safetensors shards) is imported to orbax
-and exported back; each phase runs in its own process, with the page cache of its input dropped first, and
-reports wall time (from after its Python modules are loaded), peak RSS (VmHWM) and throughput beside the raw read
-speed of the same files. Goals: import peak RSS <= 1.5 x the largest shard + 1 GB; import throughput >= 50% of the
-raw read speed. Files are deleted.
+and exported back; each phase runs in its own process and reports wall time (from after its Python modules are
+loaded), peak RSS (VmHWM) and throughput beside the raw read speed of the same files. Goals: import peak RSS <=
+1.5 x the largest shard + 1 GB; import throughput >= 50% of the raw read speed. Files are deleted.
 
-One more phase measures our writer alone: `orbax_write` reads every source tensor into memory first (untimed),
-then times writing exactly those bytes to an orbax checkpoint, handed to the writer in the import's batch size —
-no reading or conversion work (the import overlaps those with its writes).
+Every run starts from the same state: earlier writes synced, its input read once and then dropped from the page
+cache. So each phase reads from disk, and whatever caches lie below this machine (a VM's host) hold the input
+alike for every phase: otherwise a phase run after others that wrote gigabytes reads slower than one run first
+(on our 2-core VM, the raw read takes 5 s right after an import, 2.6 s after another read).
+
+`copy` is the floor for any conversion that writes its output durably, as the import does (orbax syncs each file
+it writes): the kernel copies each source file (sendfile) and syncs it, with no user-space work at all.
 
     python scripts/bench_convert.py [--layers 2] [--shard-gb 2] [--repeat 3] [--workdir /tmp]
         [--json out/bench_convert.json]
@@ -105,13 +108,17 @@ def generate(folder: Path, layers: int, shard_bytes: int) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-def drop_cache(folder: Path) -> None:
-    """Flushes and evicts `folder`'s files from the page cache, so the next phase reads them from disk."""
+def drop_cache(folder: Path, read_first: bool = False) -> None:
+    """Flushes and evicts `folder`'s files from the page cache, so the next phase reads them from disk; with
+    `read_first`, reads each file once before (see the module docstring)."""
+    os.sync()
     for path in folder.rglob("*"):
         if path.is_file():
             fd = os.open(path, os.O_RDONLY)
             try:
-                os.fsync(fd)
+                if read_first:
+                    while os.read(fd, 64 << 20):
+                        pass
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
@@ -121,19 +128,8 @@ def phase(name: str, src: str, dst: str) -> dict:
     """Runs one phase in this process; returns seconds, bytes and peak RSS. The clock starts once the phase's
     modules are imported (interpreter start-up is not throughput)."""
     import jax
-    from omnidiff_jax.convert.keymap import unflatten
-    from omnidiff_jax.convert import omni, orbax_io
     from omnidiff_jax.convert.omni import export_checkpoint, import_checkpoint, load_orbax_model
-    from omnidiff_jax.convert.sources import safetensors_folder
     from omnidiff_jax.model import load_model
-    if name == "orbax_write":  # the arrays are in memory before the clock starts, in batches as the import has them
-        arrays = {k.replace(".", "/"): np.array(ref.read()) for k, ref in safetensors_folder(src).items()}
-        batches, size = [{}], 0
-        for key, array in arrays.items():
-            if size >= omni._BATCH_BYTES:
-                batches, size = batches + [{}], 0
-            batches[-1][key] = array
-            size += array.nbytes
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     if name == "raw_read":
         nbytes, buf = 0, bytearray(64 << 20)
@@ -141,11 +137,17 @@ def phase(name: str, src: str, dst: str) -> dict:
             with open(path, "rb", buffering=0) as f:
                 while n := f.readinto(buf):
                     nbytes += n
-    elif name == "orbax_write":
-        with orbax_io.writing(dst) as ckpt:
-            for batch in batches:
-                ckpt.add_params(unflatten(batch))
-        nbytes = sum(a.nbytes for a in arrays.values())
+    elif name == "copy":
+        Path(dst).mkdir()
+        nbytes = 0
+        for path in sorted(Path(src).glob("*.safetensors")):
+            shutil.copyfile(path, Path(dst) / path.name)
+            fd = os.open(Path(dst) / path.name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            nbytes += path.stat().st_size
     elif name == "import":
         nbytes = import_checkpoint(src, dst).nbytes
     elif name == "export":
@@ -165,14 +167,14 @@ def _cpu_seconds() -> float:
 
 
 def run_phase(name: str, src: Path, dst: Path | None = None, repeat: int = 1) -> dict:
-    """Runs a phase `repeat` times, each in a fresh process with `src` evicted from the page cache first, and
-    returns the run with the median time and every run's seconds under "runs" (`dst` keeps the last run's output,
+    """Runs a phase `repeat` times, each in a fresh process with `src` read and then evicted from the page cache
+    first, and returns the run with the median time and every run's seconds under "runs" (`dst` keeps the last run's output,
     the same bytes)."""
     runs = []
     for _ in range(repeat):
         if dst is not None:
             shutil.rmtree(dst, ignore_errors=True)
-        drop_cache(src)
+        drop_cache(src, read_first=True)
         out = subprocess.run([sys.executable, __file__, "--phase", name, str(src), str(dst or "")],
                              capture_output=True, text=True)
         if out.returncode:
@@ -207,7 +209,7 @@ def main():
         return
 
     work = Path(tempfile.mkdtemp(prefix="bench_convert-", dir=args.workdir))
-    src, ox, back, ox_write = work / "hf", work / "orbax", work / "hf_back", work / "orbax_write"
+    src, ox, back, copy = work / "hf", work / "orbax", work / "hf_back", work / "copy"
     try:
         start = time.perf_counter()
         generate(src, args.layers, int(args.shard_gb * 1e9))
@@ -216,7 +218,7 @@ def main():
         params = sum(int(np.prod(s)) for s in reference_keys(args.layers).values())
         print(f"generated {params / 1e9:.2f}B parameters in {len(shards)} shards (largest {largest / 1e9:.2f} GB) "
               f"in {time.perf_counter() - start:.0f} s", flush=True)
-        phases = [("raw_read", src, None), ("orbax_write", src, ox_write), ("import", src, ox), ("export", ox, back),
+        phases = [("raw_read", src, None), ("copy", src, copy), ("import", src, ox), ("export", ox, back),
                   ("load_orbax", ox, None), ("load_direct", src, None)]
         results = {name: run_phase(name, a, b, args.repeat) for name, a, b in phases}
         tensors = verify(src, back)
@@ -226,7 +228,7 @@ def main():
 
     speed = {name: r["bytes"] / r["seconds"] for name, r in results.items()}
     rows = [{"phase": name, "seconds": r["seconds"], "GB": r["bytes"] / 1e9, "GB_per_s": speed[name] / 1e9,
-             "vs_raw_read": speed[name] / speed["raw_read"], "vs_orbax_write": speed[name] / speed["orbax_write"],
+             "vs_raw_read": speed[name] / speed["raw_read"], "vs_copy": speed[name] / speed["copy"],
              "peak_rss_GB": r["peak_rss_bytes"] / 1e9, "cpu_s_per_GB": r["cpu_seconds"] / (r["bytes"] / 1e9),
              "runs_s": "/".join(f"{t:.1f}" for t in r["runs"])}
             for name, r in results.items()]
@@ -238,7 +240,7 @@ def main():
     benchlib.report(f"Checkpoint conversion: {params / 1e9:.2f}B parameters bf16, {len(shards)} shards, largest "
                     f"{largest / 1e9:.2f} GB; {tensors} tensors round-tripped bit-identical; {os.cpu_count()} CPUs, "
                     f"load average {load:.1f} at the end; median of {args.repeat} runs per phase", rows,
-                    ["phase", "seconds", "GB", "GB_per_s", "vs_raw_read", "vs_orbax_write", "peak_rss_GB",
+                    ["phase", "seconds", "GB", "GB_per_s", "vs_raw_read", "vs_copy", "peak_rss_GB",
                      "cpu_s_per_GB", "runs_s"], args.json)
 
 
