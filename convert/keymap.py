@@ -20,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Mapping
 
 import jax
@@ -53,6 +55,44 @@ IDENTITY = Transform("identity", lambda x: x, lambda x: x)
 LINEAR = Transform("transpose", lambda w: w.T, lambda k: k.T)  # torch [out, in] -> flax [in, out]
 CONV1D = Transform("conv1d", lambda w: w.transpose(2, 1, 0), lambda k: k.transpose(2, 1, 0))  # [O,I,K]->[K,I,O]
 CONV2D = Transform("conv2d", lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))  # ->[H,W,I,O]
+
+
+_COPY_THREADS = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+
+
+def copy_into(out: np.ndarray, view: np.ndarray, block_bytes: int = 1 << 20) -> None:
+    """`out[...] = view`, fast when `view` is a transposed or reshaped view (the usual converter output).
+
+    NumPy walks a transposed matrix element by element across cache lines; copying blocks along the view's
+    outermost axis in memory keeps both sides in cache (about 4x faster for a bf16 [18944, 3584] transpose),
+    and the blocks are spread over a few threads. A cast is done after the transpose, on contiguous data.
+    """
+    if view.ndim == 0 or view.flags.c_contiguous or not view.nbytes:
+        out[...] = view
+        return
+    if view.dtype != out.dtype:
+        same = np.empty(view.shape, view.dtype)
+        copy_into(same, view, block_bytes)
+        out[...] = same
+        return
+    axis = int(np.argmax(np.abs(view.strides)))
+    step = max(1, block_bytes * view.shape[axis] // max(view.nbytes, 1))
+
+    def copy(begin: int) -> None:
+        index = (slice(None),) * axis + (slice(begin, begin + step),)
+        out[index] = view[index]
+
+    list(_COPY_THREADS.map(copy, range(0, view.shape[axis], step)))
+
+
+def contiguous(view: np.ndarray, dtype=None) -> np.ndarray:
+    """`view` as a C-contiguous array in `dtype` (default: its own), copied with `copy_into` when it is not one."""
+    dtype = np.dtype(dtype or view.dtype)
+    if view.flags.c_contiguous and view.dtype == dtype:
+        return view
+    out = np.empty(view.shape, dtype)
+    copy_into(out, view)
+    return out
 
 
 def heads_out(num_heads: int, head_dim: int) -> Transform:
@@ -283,10 +323,9 @@ class KeyMap:
             arr = np.asarray(jax.device_get(leaf))
             if rule.stacked:
                 for i in range(arr.shape[0]):
-                    yield rule.sources[0].format(i=i, **m.groupdict()), np.ascontiguousarray(
-                        rule.transform.inverse(arr[i]))
+                    yield rule.sources[0].format(i=i, **m.groupdict()), contiguous(rule.transform.inverse(arr[i]))
             else:
-                yield rule.sources[0].format(**m.groupdict()), np.ascontiguousarray(rule.transform.inverse(arr))
+                yield rule.sources[0].format(**m.groupdict()), contiguous(rule.transform.inverse(arr))
 
 
 def _missing_name(rule_res, path: str, shape: tuple[int, ...]) -> str:

@@ -250,5 +250,6 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for arr in tensors.values():
-            f.write(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+            data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False)
+            f.write(data.reshape(-1).view(np.uint8).data)  # the array's own buffer, not a copy of it
     os.replace(tmp, path)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import jax
-from omnidiff_jax.convert.keymap import CONV1D, LINEAR, ConversionError, KeyMap, Rule, flatten
+from omnidiff_jax.convert.keymap import CONV1D, LINEAR, ConversionError, KeyMap, Rule, contiguous, flatten
 from omnidiff_jax.convert.sources import in_memory, safetensors_file, write_safetensors
 
 KM = KeyMap((Rule("blocks.{i}.fc.weight", "blocks/fc/kernel", LINEAR),
@@ -64,3 +64,16 @@ def test_safetensors_reader_handles_bf16_and_matches_torch(tmp_path):
 
 def test_flatten_paths():
     assert set(flatten({"a": {"b": 1, "c": {"d": 2}}})) == {"a/b", "a/c/d"}
+
+
+@pytest.mark.parametrize("shape, axes", [((300, 70), (1, 0)), ((6, 50, 40), (2, 0, 1)), ((5, 7, 3, 2), (2, 3, 1, 0)),
+                                         ((1200, 600), (1, 0)), ((0, 4), (1, 0)), ((9,), (0,))])  # 1200x600: blocks
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_contiguous_copies_transposed_views_exactly(shape, axes, dtype):
+    x = np.random.RandomState(0).randn(*shape).astype(dtype).transpose(axes)
+    for out_dtype in (None, np.float32):
+        y = contiguous(x, out_dtype)
+        assert y.flags.c_contiguous and y.dtype == np.dtype(out_dtype or dtype)
+        np.testing.assert_array_equal(y, x.astype(y.dtype))
+    already = np.ascontiguousarray(x)
+    assert contiguous(already) is already  # nothing to copy
