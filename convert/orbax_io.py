@@ -40,7 +40,7 @@ PARAMS_DIR = "params"
 FILES_DIR = "hf"
 FORMAT = "omnidiff-orbax"
 VERSION = 1
-_RESTORE_BYTES = 1 << 30  # read per orbax call, bounding the host memory in transit
+_RESTORE_BYTES = 256 << 20  # read per orbax call, bounding the host memory in transit
 PENDING_BYTES = 2 << 30  # parameters queued for writing, at most (plus the caller's next tree)
 
 
