@@ -34,8 +34,7 @@ from omnidiff_jax.convert import orbax_io
 from omnidiff_jax.convert.dream import dream_keymap, hf_config, read_hf_config
 from omnidiff_jax.convert.keymap import IDENTITY, ConversionError, KeyMap, Plan, copy_into, flatten, unflatten
 from omnidiff_jax.convert.sensevoice import speech_keymap
-from omnidiff_jax.convert.sources import (CheckpointError, Source, TensorRef, open_source, read_safetensors_header,
-                                          write_safetensors)
+from omnidiff_jax.convert.sources import CheckpointError, Source, TensorRef, open_source, write_safetensors
 from omnidiff_jax.model import OmniModel, abstract_params, param_shardings
 from omnidiff_jax.models import projector as projector_lib
 from omnidiff_jax.models import sensevoice
@@ -137,8 +136,8 @@ def import_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: str
     folder = src if src.is_dir() else src.parent
     _refuse_overlap(folder, dst)
     cfg, layout, raw = read_hf_config(folder)
-    mapped = _MappedTensors(open_source(src))
-    source = mapped.source
+    source = open_source(src)
+    cache = _PageCache(source)
     speech = speech_configs(raw, cfg.param_dtype) if any(re.fullmatch(SPEECH_KEYS, k) for k in source) else None
     plans = plan_groups(source, param_groups(cfg, speech))
     dtypes_by_leaf = {(g.name, p): np.dtype(dtype) if dtype else source[_first_key(plan, p)].dtype
@@ -163,20 +162,20 @@ def import_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: str
         def hand_over():  # progress counts a source tensor once its leaf is on disk
             nonlocal batch, batch_keys, batch_views, batch_bytes
             ckpt.add_params(unflatten(batch), functools.partial(
-                _written, on_tensor, [(k, source[k].nbytes) for k in batch_keys], mapped, batch_views))
+                _written, on_tensor, [(k, source[k].nbytes) for k in batch_keys], cache, batch_views))
             batch, batch_keys, batch_views, batch_bytes = {}, [], [], 0  # the writer alone holds the leaves now
 
-        mapped.prefetch(leaves[0][2].keys.values())
+        cache.prefetch(leaves[0][2].keys.values())
         for n, (group, path, entry, shape, leaf_dtype) in enumerate(leaves):
             ckpt.make_room(batch_bytes + _nbytes(shape, leaf_dtype))
             if n + 1 < len(leaves):
-                mapped.prefetch(leaves[n + 1][2].keys.values())
+                cache.prefetch(leaves[n + 1][2].keys.values())
             batch[f"{group.name}/{path}"], copied = _build_leaf(source, entry, shape, leaf_dtype)
             leaf_keys = [k for keys in entry.keys.values() for k in keys]
             # source tensors no other leaf reads leave the page cache once read: once copied, or when written
             unshared = [k for k in leaf_keys if uses[k] == 1]
             if copied:
-                mapped.release(unshared)
+                cache.release(unshared)
             else:
                 batch_views += unshared
             batch_keys += leaf_keys
@@ -245,46 +244,26 @@ def _build_leaf(source: Source, entry, shape, dtype: np.dtype) -> tuple[np.ndarr
 
 
 def _written(on_tensor: Callable[[str, int], None] | None, tensors: list[tuple[str, int]],
-             mapped: "_MappedTensors", views: list[str]) -> None:
+             cache: "_PageCache", views: list[str]) -> None:
     """A batch is on disk (and dropped): progress counts its tensors, and the source tensors its leaves were
     views of leave the page cache."""
-    mapped.release(views)
+    cache.release(views)
     for key, nbytes in tensors if on_tensor is not None else ():
         on_tensor(key, nbytes)
 
 
-class _MappedTensors:
-    """A source whose safetensors tensors are memory-mapped one by one, with read-ahead.
+class _PageCache:
+    """Advice to the kernel about a source's safetensors tensors (files stored raw, `TensorRef.offset` set).
 
-    The lazy readers map each file once, and a map keeps every page it touched resident (and counted in the
-    process's memory) while the file is open. A map per tensor is closed, and its pages released, as soon as
-    the tensor (or the leaf that is a view of it) is dropped, so a streaming import never holds the whole file.
-    `prefetch(key_lists)` asks the kernel to start reading tensors into the page cache (posix_fadvise WILLNEED) in
-    the background, so the disk works on the next leaf while this one is converted; `release(keys)` drops tensors
-    no longer needed from the page cache (DONTNEED), so that the memory they held is reused at once for what the
-    import writes, rather than fresh memory taken (on a VM, first touching memory is what costs).
+    `prefetch(key_lists)` starts reading tensors into the page cache (posix_fadvise WILLNEED) in the background,
+    so the disk works on the next leaf while this one is converted; `release(keys)` drops tensors no longer
+    needed from it (DONTNEED), so that the memory they held is reused at once for what the import writes rather
+    than fresh memory taken (on a VM, first touching memory is what costs).
     """
 
     def __init__(self, source: Source):
-        self._headers: dict[str, tuple[dict, int]] = {}
+        self.source = source
         self._readahead = ThreadPoolExecutor(max_workers=1)
-        refs = {k: dataclasses.replace(r, _read=functools.partial(self._read, r)) if self._mapped(r) else r
-                for k, r in source.items()}
-        self.source = Source(refs, source.description)
-
-    @staticmethod
-    def _mapped(ref: TensorRef) -> bool:
-        return ref.origin.endswith(".safetensors") and ref.nbytes > 0
-
-    def _offset(self, ref: TensorRef) -> int:
-        if ref.origin not in self._headers:
-            self._headers[ref.origin] = read_safetensors_header(Path(ref.origin))
-        header, start = self._headers[ref.origin]
-        return start + header[ref.key]["data_offsets"][0]
-
-    def _read(self, ref: TensorRef) -> np.ndarray:
-        data = np.memmap(ref.origin, np.uint8, mode="r", offset=self._offset(ref), shape=(ref.nbytes,))
-        return np.asarray(data).view(ref.dtype).reshape(ref.shape)
 
     def prefetch(self, key_lists) -> None:
         if hasattr(os, "posix_fadvise"):
@@ -296,10 +275,10 @@ class _MappedTensors:
 
     def _advise(self, keys: list[str], advice: str) -> None:
         for ref in (self.source[k] for k in keys):
-            if self._mapped(ref):
+            if ref.offset is not None and ref.nbytes:
                 fd = os.open(ref.origin, os.O_RDONLY)
                 try:
-                    os.posix_fadvise(fd, self._offset(ref), ref.nbytes, getattr(os, advice))
+                    os.posix_fadvise(fd, ref.offset, ref.nbytes, getattr(os, advice))
                 finally:
                     os.close(fd)
 

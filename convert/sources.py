@@ -49,6 +49,7 @@ class TensorRef:
     dtype: np.dtype
     origin: str  # the file it lives in, for error messages
     _read: Callable[[], np.ndarray]
+    offset: int | None = None  # where its bytes start in `origin`, when stored there raw (safetensors)
 
     def read(self) -> np.ndarray:
         return self._read()
@@ -120,24 +121,23 @@ def read_json(path: str | os.PathLike, missing: str) -> dict:
 
 
 def safetensors_file(path: str | os.PathLike) -> Source:
-    """A lazy `Source` over one `.safetensors` file (memory-mapped once, on first read)."""
+    """A lazy `Source` over one `.safetensors` file. Each read memory-maps just that tensor, and the map closes
+    when the array (or the last view of it) is dropped: a map of the whole file would keep every page read so far
+    resident, and counted in the process's memory, until the last tensor is done."""
     path = Path(path)
     header, start = read_safetensors_header(path)
-    mm: list[np.memmap] = []
 
-    def buffer() -> np.memmap:
-        if not mm:
-            mm.append(np.memmap(path, dtype=np.uint8, mode="r"))
-        return mm[0]
+    def reader(offset: int, shape: tuple[int, ...], dtype: np.dtype) -> Callable[[], np.ndarray]:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if not nbytes:
+            return lambda: np.empty(shape, dtype)
+        return lambda: np.asarray(np.memmap(path, np.uint8, mode="r", offset=offset, shape=(nbytes,))).view(
+            dtype).reshape(shape)
 
-    def reader(info: dict) -> Callable[[], np.ndarray]:
-        begin, end = info["data_offsets"]
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        shape = tuple(info["shape"])
-        return lambda: buffer()[start + begin:start + end].view(dtype).reshape(shape)
-
-    refs = {k: TensorRef(k, tuple(v["shape"]), SAFETENSORS_DTYPES[v["dtype"]], str(path), reader(v))
-            for k, v in header.items()}
+    refs = {}
+    for key, info in header.items():
+        shape, dtype, offset = tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]], start + info["data_offsets"][0]
+        refs[key] = TensorRef(key, shape, dtype, str(path), reader(offset, shape, dtype), offset)
     return Source(refs, str(path))
 
 

@@ -62,6 +62,27 @@ def test_safetensors_reader_handles_bf16_and_matches_torch(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_read_tensor_leaves_the_process_memory_once_dropped(tmp_path):
+    """Each read maps only its tensor, and the map closes with the array: streaming a checkpoint tensor by tensor
+    never keeps the file's pages counted in the process (a map of the whole file kept every page read so far)."""
+    write_safetensors(tmp_path / "w.safetensors", {k: np.full((2048, 4096), 1.0, np.float32) for k in "ab"})  # 32 MB
+    source = safetensors_file(tmp_path / "w.safetensors")
+    before = _file_pages_mb()
+    for key in "ab":
+        arr = source[key].read()
+        assert arr.sum(dtype=np.float64) == arr.size  # touches every page
+        held = _file_pages_mb() - before
+        del arr
+        assert held > 24, held  # resident while in use ...
+        assert _file_pages_mb() - before < 4  # ... and gone with the array
+
+
+def _file_pages_mb() -> float:
+    """File-backed pages mapped by this process (RssFile), in MB."""
+    status = open("/proc/self/status").read()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("RssFile:"))) / 1024
+
+
 def test_flatten_paths():
     assert set(flatten({"a": {"b": 1, "c": {"d": 2}}})) == {"a/b", "a/c/d"}
 
