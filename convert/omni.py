@@ -258,29 +258,36 @@ class _PageCache:
     `prefetch(key_lists)` starts reading tensors into the page cache (posix_fadvise WILLNEED) in the background,
     so the disk works on the next leaf while this one is converted; `release(keys)` drops tensors no longer
     needed from it (DONTNEED), so that the memory they held is reused at once for what the import writes rather
-    than fresh memory taken (on a VM, first touching memory is what costs).
+    than fresh memory taken (on a VM, first touching memory is what costs). Advice is best effort: a filesystem
+    that refuses it changes nothing else.
     """
 
     def __init__(self, source: Source):
         self.source = source
         self._readahead = ThreadPoolExecutor(max_workers=1)
+        self._released: set[str] = set()  # not to be read ahead again by a prefetch that fell behind
 
     def prefetch(self, key_lists) -> None:
-        if hasattr(os, "posix_fadvise"):
-            self._readahead.submit(self._advise, [k for keys in key_lists for k in keys], "POSIX_FADV_WILLNEED")
+        self._readahead.submit(self._advise, [k for keys in key_lists for k in keys], "POSIX_FADV_WILLNEED")
 
     def release(self, keys: list[str]) -> None:
-        if keys and hasattr(os, "posix_fadvise"):
-            self._advise(keys, "POSIX_FADV_DONTNEED")
+        self._released.update(keys)
+        self._advise(keys, "POSIX_FADV_DONTNEED")
 
     def _advise(self, keys: list[str], advice: str) -> None:
+        if not hasattr(os, "posix_fadvise"):
+            return
         for ref in (self.source[k] for k in keys):
-            if ref.offset is not None and ref.nbytes:
+            if ref.offset is None or not ref.nbytes or (advice == "POSIX_FADV_WILLNEED" and ref.key in self._released):
+                continue
+            try:
                 fd = os.open(ref.origin, os.O_RDONLY)
                 try:
                     os.posix_fadvise(fd, ref.offset, ref.nbytes, getattr(os, advice))
                 finally:
                     os.close(fd)
+            except OSError:
+                pass
 
 
 def hf_files(folder: str | os.PathLike) -> list[Path]:

@@ -123,7 +123,8 @@ def read_json(path: str | os.PathLike, missing: str) -> dict:
 def safetensors_file(path: str | os.PathLike) -> Source:
     """A lazy `Source` over one `.safetensors` file. Each read memory-maps just that tensor, and the map closes
     when the array (or the last view of it) is dropped: a map of the whole file would keep every page read so far
-    resident, and counted in the process's memory, until the last tensor is done."""
+    resident, and counted in the process's memory, until the last tensor is done. A map holds an open file, so
+    keep a few arrays at a time (copy those you keep), not a whole checkpoint's."""
     path = Path(path)
     header, start = read_safetensors_header(path)
 

@@ -4,13 +4,15 @@ and exported back; each phase runs in its own process and reports wall time (fro
 loaded), peak RSS (VmHWM) and throughput beside the raw read speed of the same files. Goals: import peak RSS <=
 1.5 x the largest shard + 1 GB; import throughput >= 50% of the raw read speed. Files are deleted.
 
-Every run starts from the same state: earlier writes synced, its input read once and then dropped from the page
-cache. So each phase reads from disk, and whatever caches lie below this machine (a VM's host) hold the input
-alike for every phase: otherwise a phase run after others that wrote gigabytes reads slower than one run first
-(on our 2-core VM, the raw read takes 5 s right after an import, 2.6 s after another read).
+Every run starts from the same state: earlier writes synced, every file of the benchmark out of the page cache,
+its input read once just before being dropped. So each phase reads its input from below the page cache, and the
+caches there (on a VM, the host's) hold it alike for every phase; otherwise a phase run after others that wrote
+gigabytes reads slower than one run first (on our 2-core VM, the raw read takes 5 s right after an import, 2.6 s
+after another read).
 
-`copy` is the floor for any conversion that writes its output durably, as the import does (orbax syncs each file
-it writes): the kernel copies each source file (sendfile) and syncs it, with no user-space work at all.
+`copy` is a reference for what writing the bytes durably costs, as the import does (orbax syncs each file it
+writes), with no conversion at all: the kernel copies each source file (sendfile) and syncs it, one file after
+another.
 
     python scripts/bench_convert.py [--layers 2] [--shard-gb 2] [--repeat 3] [--workdir /tmp]
         [--json out/bench_convert.json]
@@ -109,7 +111,7 @@ def generate(folder: Path, layers: int, shard_bytes: int) -> None:
 
 
 def drop_cache(folder: Path, read_first: bool = False) -> None:
-    """Flushes and evicts `folder`'s files from the page cache, so the next phase reads them from disk; with
+    """Flushes and evicts `folder`'s files from the page cache, so the next phase reads them from below it; with
     `read_first`, reads each file once before (see the module docstring)."""
     os.sync()
     for path in folder.rglob("*"):
@@ -139,15 +141,7 @@ def phase(name: str, src: str, dst: str) -> dict:
                     nbytes += n
     elif name == "copy":
         Path(dst).mkdir()
-        nbytes = 0
-        for path in sorted(Path(src).glob("*.safetensors")):
-            shutil.copyfile(path, Path(dst) / path.name)
-            fd = os.open(Path(dst) / path.name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            nbytes += path.stat().st_size
+        nbytes = sum(_copy_and_sync(path, Path(dst) / path.name) for path in sorted(Path(src).glob("*.safetensors")))
     elif name == "import":
         nbytes = import_checkpoint(src, dst).nbytes
     elif name == "export":
@@ -161,27 +155,45 @@ def phase(name: str, src: str, dst: str) -> dict:
     return {"seconds": seconds, "bytes": nbytes, "peak_rss_bytes": hwm, "cpu_seconds": _cpu_seconds() - cpu_start}
 
 
+def _copy_and_sync(src: Path, dst: Path) -> int:
+    """Copies a file in the kernel (sendfile: always a copy, never a clone) and syncs it; returns its size."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        size, done = os.fstat(fin.fileno()).st_size, 0
+        while done < size:
+            done += os.sendfile(fout.fileno(), fin.fileno(), done, size - done)
+        os.fsync(fout.fileno())
+    return size
+
+
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
-def run_phase(name: str, src: Path, dst: Path | None = None, repeat: int = 1) -> dict:
-    """Runs a phase `repeat` times, each in a fresh process with `src` read and then evicted from the page cache
-    first, and returns the run with the median time and every run's seconds under "runs" (`dst` keeps the last run's output,
-    the same bytes)."""
-    runs = []
+def run_phase(name: str, src: Path, dst: Path | None = None) -> dict:
+    """Runs a phase once, in a fresh process started as the module docstring says (`dst`, if any, is replaced).
+    `src` lies in the benchmark's folder."""
+    if dst is not None:
+        shutil.rmtree(dst, ignore_errors=True)
+    drop_cache(src.parent)
+    drop_cache(src, read_first=True)
+    out = subprocess.run([sys.executable, __file__, "--phase", name, str(src), str(dst or "")],
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"phase {name} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_rounds(phases: list[tuple[str, Path, Path | None]], repeat: int) -> dict[str, dict]:
+    """Runs every phase once per round, `repeat` rounds, so that each phase's runs fall in the same stretches of
+    time as the others' (this VM's disk and memory speeds drift by tens of percent over minutes). Returns, per
+    phase, the run with the median time and every run's seconds under "runs"."""
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in phases}
     for _ in range(repeat):
-        if dst is not None:
-            shutil.rmtree(dst, ignore_errors=True)
-        drop_cache(src, read_first=True)
-        out = subprocess.run([sys.executable, __file__, "--phase", name, str(src), str(dst or "")],
-                             capture_output=True, text=True)
-        if out.returncode:
-            raise SystemExit(f"phase {name} failed:\n{out.stderr}")
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    median = sorted(runs, key=lambda r: r["seconds"])[(len(runs) - 1) // 2]
-    return {**median, "runs": [r["seconds"] for r in runs]}
+        for name, src, dst in phases:
+            runs[name].append(run_phase(name, src, dst))
+    median = {name: sorted(r, key=lambda run: run["seconds"])[(len(r) - 1) // 2] for name, r in runs.items()}
+    return {name: {**median[name], "runs": [run["seconds"] for run in r]} for name, r in runs.items()}
 
 
 def verify(src: Path, back: Path) -> int:
@@ -198,8 +210,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=2, help="LLM layers at the real width (2 -> 1.98B parameters)")
     ap.add_argument("--shard-gb", type=float, default=2.0, help="largest source shard, GB")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per phase; the median is reported (this VM's "
-                    "page-cache and first-touch costs vary by tens of percent between identical runs)")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of all phases; each phase's median run is "
+                    "reported (this VM's page-cache and first-touch costs vary by tens of percent between runs)")
     ap.add_argument("--workdir", default=tempfile.gettempdir())
     ap.add_argument("--json", default="out/bench_convert.json")
     ap.add_argument("--phase", nargs=3, metavar=("NAME", "SRC", "DST"), help=argparse.SUPPRESS)
@@ -220,7 +232,7 @@ def main():
               f"in {time.perf_counter() - start:.0f} s", flush=True)
         phases = [("raw_read", src, None), ("copy", src, copy), ("import", src, ox), ("export", ox, back),
                   ("load_orbax", ox, None), ("load_direct", src, None)]
-        results = {name: run_phase(name, a, b, args.repeat) for name, a, b in phases}
+        results = run_rounds(phases, args.repeat)
         tensors = verify(src, back)
         print(f"round trip: {tensors} exported tensors bit-identical to the source", flush=True)
     finally:
@@ -239,7 +251,7 @@ def main():
     load = os.getloadavg()[0]
     benchlib.report(f"Checkpoint conversion: {params / 1e9:.2f}B parameters bf16, {len(shards)} shards, largest "
                     f"{largest / 1e9:.2f} GB; {tensors} tensors round-tripped bit-identical; {os.cpu_count()} CPUs, "
-                    f"load average {load:.1f} at the end; median of {args.repeat} runs per phase", rows,
+                    f"load average {load:.1f} at the end; median of {args.repeat} rounds of all phases", rows,
                     ["phase", "seconds", "GB", "GB_per_s", "vs_raw_read", "vs_copy", "peak_rss_GB",
                      "cpu_s_per_GB", "runs_s"], args.json)
 
