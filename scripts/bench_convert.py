@@ -8,7 +8,7 @@ Every run starts from the same state: earlier writes synced, every file of the b
 its input read once just before being dropped. So each phase reads its input from below the page cache, and the
 caches there (on a VM, the host's) hold it alike for every phase; otherwise a phase run after others that wrote
 gigabytes reads slower than one run first (on our 2-core VM, the raw read takes 5 s right after an import, 2.6 s
-after another read).
+after another read). The phases run in rounds, each once per round, and each reports its median run.
 
 `copy` is a reference for what writing the bytes durably costs, as the import does (orbax syncs each file it
 writes), with no conversion at all: the kernel copies each source file (sendfile) and syncs it, one file after
