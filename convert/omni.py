@@ -244,7 +244,7 @@ def _build_leaf(source: Source, entry, shape, dtype: np.dtype) -> tuple[np.ndarr
 
 
 def _written(on_tensor: Callable[[str, int], None] | None, tensors: list[tuple[str, int]],
-             cache: "_PageCache", views: list[str]) -> None:
+             cache: _PageCache, views: list[str]) -> None:
     """A batch is on disk (and dropped): progress counts its tensors, and the source tensors its leaves were
     views of leave the page cache."""
     cache.release(views)

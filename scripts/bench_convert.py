@@ -110,15 +110,15 @@ def generate(folder: Path, layers: int, shard_bytes: int) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-def drop_cache(folder: Path, read_first: bool = False) -> None:
-    """Flushes and evicts `folder`'s files from the page cache, so the next phase reads them from below it; with
-    `read_first`, reads each file once before (see the module docstring)."""
+def drop_cache(folder: Path, read_first: Path | None = None) -> None:
+    """Flushes and evicts `folder`'s files from the page cache, so the next phase reads them from below it; the
+    files under `read_first` are read once before (see the module docstring)."""
     os.sync()
     for path in folder.rglob("*"):
         if path.is_file():
             fd = os.open(path, os.O_RDONLY)
             try:
-                if read_first:
+                if read_first is not None and path.is_relative_to(read_first):
                     while os.read(fd, 64 << 20):
                         pass
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -175,8 +175,7 @@ def run_phase(name: str, src: Path, dst: Path | None = None) -> dict:
     `src` lies in the benchmark's folder."""
     if dst is not None:
         shutil.rmtree(dst, ignore_errors=True)
-    drop_cache(src.parent)
-    drop_cache(src, read_first=True)
+    drop_cache(src.parent, read_first=src)
     out = subprocess.run([sys.executable, __file__, "--phase", name, str(src), str(dst or "")],
                          capture_output=True, text=True)
     if out.returncode:

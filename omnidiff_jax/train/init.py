@@ -35,17 +35,18 @@ def resize_vocab(params: dict, vocab_size: int, key: jax.Array, std: float = 0.0
                  pad_to_multiple_of: int = 8) -> dict:
     """Grows `embed_tokens/embedding` and `lm_head/embedding` (both [V, H]) to `vocab_size` rows (rounded up to
     `pad_to_multiple_of`): existing rows are kept, new ones drawn from N(0, std) in float32."""
-    embed, head = params["embed_tokens"]["embedding"], params["lm_head"]["embedding"]
-    old, hidden = embed.shape
+    old, hidden = params["embed_tokens"]["embedding"].shape
     new = math.ceil(vocab_size / pad_to_multiple_of) * pad_to_multiple_of
     if new < old:
         raise ValueError(f"cannot shrink the vocabulary from {old} to {new} rows")
+
+    def grow(table: jax.Array, key: jax.Array) -> jax.Array:
+        rows = std * jax.random.normal(key, (new - old, hidden), jnp.float32)
+        return jnp.concatenate([table, rows.astype(table.dtype)])
+
     k_embed, k_head = jax.random.split(key)
-    grow_embed = std * jax.random.normal(k_embed, (new - old, hidden), jnp.float32)
-    grow_head = std * jax.random.normal(k_head, (new - old, hidden), jnp.float32)
-    return {**params,
-            "embed_tokens": {"embedding": jnp.concatenate([embed, grow_embed.astype(embed.dtype)])},
-            "lm_head": {"embedding": jnp.concatenate([head, grow_head.astype(head.dtype)])}}
+    return {**params, "embed_tokens": {"embedding": grow(params["embed_tokens"]["embedding"], k_embed)},
+            "lm_head": {"embedding": grow(params["lm_head"]["embedding"], k_head)}}
 
 
 def load_dream_resized(path: str | Path, cfg: DreamConfig, key: jax.Array, mesh: Mesh | None = None) -> dict:
