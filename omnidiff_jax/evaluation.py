@@ -38,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from omnidiff_jax.audio_io import write_wav
-from omnidiff_jax.image import atomic_output
+from omnidiff_jax.files import write_text
 from omnidiff_jax.train.data import DataError, read_jsonl
 from omnidiff_jax.vocab import TokenLayout
 
@@ -538,11 +538,6 @@ def _output_folder(out_dir: str | os.PathLike, names: Iterable[str], overwrite: 
     return out
 
 
-def _write_text(path: Path, text: str) -> None:
-    with atomic_output(path, overwrite=True) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
 def _wer_files(name: str) -> list[str]:
     return [f"{name}_hyp.txt", f"{name}_ref.txt", f"{name}_hyp_ref.json", f"{name}_wer.json"]
 
@@ -553,11 +548,11 @@ def _score_and_write(out: Path, name: str, pairs: list[tuple[str, str]], skipped
     hyp_lines = [f"{i} {hyp}" for i, (hyp, _) in enumerate(pairs)]
     ref_lines = [f"{i} {ref}" for i, (_, ref) in enumerate(pairs)]
     hyp_file, ref_file, pairs_file, wer_file = (out / n for n in _wer_files(name))
-    _write_text(hyp_file, "".join(line + "\n" for line in hyp_lines))
-    _write_text(ref_file, "".join(line + "\n" for line in ref_lines))
-    _write_text(pairs_file, json.dumps(pairs, indent=4, ensure_ascii=False))
+    write_text(hyp_file, "".join(line + "\n" for line in hyp_lines))
+    write_text(ref_file, "".join(line + "\n" for line in ref_lines))
+    write_text(pairs_file, json.dumps(pairs, indent=4, ensure_ascii=False))
     report = dataclasses.replace(score_lines(ref_lines, hyp_lines), skipped=skipped)
-    _write_text(wer_file, json.dumps(report.to_json(), indent=2))
+    write_text(wer_file, json.dumps(report.to_json(), indent=2))
     return report
 
 
@@ -611,8 +606,8 @@ def run_mme_eval(folder: str | os.PathLike, answer: Callable[[list[Request]], Se
     answers = [MMEAnswer(q.task, Path(q.image).name, q.question, q.answer, clean_mme_pred(p).replace("\t", " "))
                for q, p in zip(questions, preds)]
     for task in tasks:
-        _write_text(out / f"{task}.txt", "".join(f"{a.image_name}\t{a.question}\t{a.answer}\t{a.pred}\n"
-                                                 for a in answers if a.task == task))
+        write_text(out / f"{task}.txt", "".join(f"{a.image_name}\t{a.question}\t{a.answer}\t{a.pred}\n"
+                                                for a in answers if a.task == task))
     scores = score_mme(answers)
-    _write_text(out / "mme_scores.json", json.dumps(scores.to_json(), indent=2))
+    write_text(out / "mme_scores.json", json.dumps(scores.to_json(), indent=2))
     return scores

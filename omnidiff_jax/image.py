@@ -14,13 +14,12 @@ parameters are replicated and the batch is split over its data x fsdp axes (padd
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +32,7 @@ from omnidiff_jax.convert import orbax_io
 from omnidiff_jax.convert.keymap import flatten, unflatten
 from omnidiff_jax.convert.magvit import config_from_source, magvit_keymap, open_checkpoint, save_reference
 from omnidiff_jax.convert.sources import CheckpointError
+from omnidiff_jax.files import atomic_write
 from omnidiff_jax.models.magvit import CODEBOOK_SIZE, Magvit, MagvitConfig
 
 SIZES = (256, 512)  # generated / assistant images, user images
@@ -86,28 +86,12 @@ def to_uint8(pixels) -> np.ndarray:
     return (np.clip((pixels + 1) / 2, 0, 1) * 255).astype(np.uint8)
 
 
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary sibling of `path` to write; renames it onto `path` only if the block succeeds."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists (use overwrite to replace it)")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path}: folder {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_png(path: str | os.PathLike, image: np.ndarray, overwrite: bool = False) -> None:
     """Writes a uint8 [H, W, 3] RGB array as PNG (via a temporary sibling and a rename)."""
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
         raise ImageError(f"{path}: expected a uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
-    with atomic_output(path, overwrite) as tmp:
+    with atomic_write(path, overwrite) as tmp:
         Image.fromarray(image, "RGB").save(tmp, format="PNG")
 
 

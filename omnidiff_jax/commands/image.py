@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from omnidiff_jax.image import SIZES, ImageError, ImageTokenizer, atomic_output, check_codes, to_uint8, write_png
+from omnidiff_jax.files import atomic_write
+from omnidiff_jax.image import SIZES, ImageError, ImageTokenizer, check_codes, to_uint8, write_png
 
 TOKENIZER_HELP = ("MAGVIT-v2 checkpoint: showlab/magvitv2's pytorch_model.safetensors, the folder holding it, "
                   "or a folder written by `omnidiff image convert`")
@@ -71,7 +72,7 @@ def run_encode(args: argparse.Namespace) -> int:
     if args.out is None:
         print("\n".join(" ".join(map(str, row)) for row in codes.reshape(side, side)))
         return 0
-    with atomic_output(args.out, args.overwrite) as tmp, open(tmp, "wb") as f:
+    with atomic_write(args.out, args.overwrite) as tmp, open(tmp, "wb") as f:
         if args.out.endswith(".npy"):
             np.save(f, codes)
         else:
