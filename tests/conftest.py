@@ -5,6 +5,10 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Eight fake CPU devices for the whole test session, so multi-device tests are ordinary tests. XLA reads the flag
+# once, when jax loads, so it is set before the import below.
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
+                                                 "--xla_force_host_platform_device_count=8"]))
 
 import jax  # noqa: E402
 
@@ -12,13 +16,12 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 sys.path.insert(0, str(Path(__file__).parent))  # `import torch_ref`
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+DATA = Path(__file__).resolve().parent / "data"  # see data/README.md
 
 import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def assets() -> Path:
-    """../shared/assets: real images and speech from the reference repository."""
-    assert ASSETS.is_dir(), f"shared assets not found at {ASSETS}"
-    return ASSETS
+    """tests/data: real images and speech from the reference repository's `asset/` folder."""
+    return DATA
