@@ -1,6 +1,6 @@
 """Dream-7B, the bidirectional Qwen2.5-shaped transformer at the heart of Omni-Diffusion, in Flax Linen.
 
-Follows shared/spec/model.md §1:
+Follows Omni-Diffusion's Dream, `omni_diffusion/models/dream/modeling_dream.py`:
 
     x = embed_tokens[ids]                                  (or caller-supplied inputs_embeds)
     for each of num_layers layers (pre-norm):
@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from omnidiff_jax.attention import dot_product_attention
+from omnidiff_jax.models.layers import Dense
 from omnidiff_jax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -123,7 +124,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, segment_ids, query_valid):
         cfg = self.config
-        dense = lambda features, axis, names, bias, name: nn.DenseGeneral(  # noqa: E731
+        dense = lambda features, axis, names, bias, name: Dense(  # noqa: E731  PyTorch's bf16 rounding
             features, axis=axis, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
             kernel_init=_init(_normal, *names), bias_init=_init(nn.initializers.zeros, *names[-2:]))
         q = dense((cfg.num_heads, cfg.head_dim), -1, ("embed", "q_heads", "head_dim"), True, "q_proj")(x)

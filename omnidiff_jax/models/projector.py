@@ -1,6 +1,6 @@
 """The audio projector (`ResamplerProjector(512, 3584)`): SenseVoice encodings -> LLM embedding width, in Flax.
 
-shared/spec/model.md §3. Despite the reference's name it does no resampling, only
+Omni-Diffusion `resampler_projector.py`. Despite the reference's name it does no resampling, only
 
     y = linear_2(gelu_erf(linear_1(layer_norm(x))))      512 -> 3584 -> 3584, both Linears without bias
 
@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from omnidiff_jax.models.layers import Dense
 from omnidiff_jax.models.sensevoice import LayerNorm
 
 
@@ -50,7 +51,7 @@ class Projector(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        dense = functools.partial(nn.Dense, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        dense = functools.partial(Dense, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                   kernel_init=nn.initializers.normal(0.02))
         h = dense(cfg.hidden_size, name="linear_1")(LayerNorm(cfg.param_dtype, name="pre_proj_layernorm")(x))
         h = nn.gelu(h.astype(jnp.float32), approximate=False).astype(h.dtype)

@@ -1,6 +1,6 @@
 """The SenseVoice-Small encoder (FunASR `SenseVoiceEncoderSmall` + the 4 prompt rows of `SenseVoiceSmall`), in Flax.
 
-Follows shared/spec/model.md §2. Input: LFR + CMVN features [N, T, 560] (rounded to bf16 first, as the
+Follows Omni-Diffusion `modeling_sensevoice.py` (FunASR SenseVoiceSmall). Input: LFR + CMVN features [N, T, 560] (rounded to bf16 first, as the
 reference's `AudioEncoder` does) and their lengths. Output: [N, T+4, 512] and lengths T+4:
 
     x = concat(embed[0, 1, 2, 15], feats)          language "auto", event, emotion, "woitn" prompt rows
@@ -18,7 +18,7 @@ reference's `AudioEncoder` does) and their lengths. Output: [N, T+4, 512] and le
 clip in a batch gets what it would get alone, up to float rounding (padded rows of the output are junk). LayerNorms run in fp32
 with eps 1e-5 and cast back. The reference runs in bf16 and builds its position table in bf16, rounding after
 every op; `position_encoding="bf16"` reproduces that table bit for bit (the distribution the LLM was trained on),
-`"float32"` is the exact table. Dropout (active in the reference's fine-tuning, §7 item 13) is not modelled: the
+`"float32"` is the exact table. Dropout (rate 0.1 in the reference's `config.yaml`, active in its fine-tuning) is not modelled: the
 encoder is frozen and runs deterministically. Encoder blocks are scanned (parameters stacked on a leading axis).
 """
 
@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+
+from omnidiff_jax.models.layers import Dense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +169,7 @@ class SANMAttention(nn.Module):
         cfg = self.config
         n, t, _ = x.shape
         d, h = cfg.output_size, cfg.num_heads
-        dense = functools.partial(nn.Dense, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        dense = functools.partial(Dense, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         q, k, v = jnp.split(dense(3 * d, name="linear_q_k_v")(x), 3, axis=-1)  # each [N, T, d]
 
         m = mask[..., None].astype(v.dtype)
@@ -189,7 +191,7 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        dense = functools.partial(nn.Dense, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        dense = functools.partial(Dense, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         return dense(cfg.output_size, name="w_2")(nn.relu(dense(cfg.linear_units, name="w_1")(x)))
 
 
