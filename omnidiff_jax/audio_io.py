@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from omnidiff_jax.files import atomic_write
+
 
 class AudioError(ValueError):
     """An audio file or waveform that cannot be used; the message names the file and the problem."""
@@ -84,14 +86,10 @@ def check_wave(wave: np.ndarray, name: str = "waveform") -> np.ndarray:
 
 
 def write_wav(path: str | os.PathLike, wave: np.ndarray, sr: int) -> None:
-    """Writes a 16-bit PCM WAV via a temporary sibling and a rename (no partial file on failure)."""
+    """Writes a 16-bit PCM WAV atomically (`files.atomic_write`: no partial file on failure), replacing `path`."""
     path = Path(path)
-    if not path.parent.exists():
-        raise AudioError(f"{path}: folder {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        sf.write(str(tmp), np.asarray(wave, np.float32), sr, subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
-    except (sf.LibsndfileError, RuntimeError, OSError) as e:
-        tmp.unlink(missing_ok=True)
+        with atomic_write(path, overwrite=True) as tmp:
+            sf.write(str(tmp), np.asarray(wave, np.float32), sr, subtype="PCM_16", format="WAV")
+    except (sf.LibsndfileError, RuntimeError) as e:
         raise AudioError(f"{path}: cannot be written ({e})") from None

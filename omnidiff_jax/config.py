@@ -1,7 +1,9 @@
-"""Typed views of the ml_collections configs in `configs/`: look a config up by name or path, get dataclasses."""
+"""The ml_collections configs in `configs/`: look one up by name or path, apply `--config.<field>=<value>` overrides,
+get typed views (dataclasses)."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 from pathlib import Path
@@ -25,6 +27,45 @@ def get_config(name_or_path: str) -> ml_collections.ConfigDict:
         spec.loader.exec_module(module)
         return module.get_config()
     raise ValueError(f"unknown config {name_or_path!r}: expected one of {BUILTIN} or the path of a config .py file")
+
+
+def load_config(name_or_path: str, overrides=()) -> ml_collections.ConfigDict:
+    """`get_config(name_or_path)` with `(dotted field, text)` overrides applied (`--config.<field>=<text>` on the
+    command line), each parsed as the field's current type."""
+    cfg = get_config(name_or_path)
+    for field, text in overrides:
+        apply_override(cfg, field, text)
+    return cfg
+
+
+def apply_override(cfg: ml_collections.ConfigDict, field: str, text: str) -> None:
+    """Sets `cfg.<field>` from `text`, parsed as the field's current type."""
+    *parents, name = field.split(".")
+    node = cfg
+    for i, part in enumerate(parents):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ValueError(f"--config.{field}: no config section {'.'.join(parents[:i + 1])}")
+        node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+        raise ValueError(f"--config.{field}: no such field")
+    node[name] = _parse(text, node[name], field)
+
+
+def _parse(text: str, current, field: str):
+    try:
+        if isinstance(current, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        if isinstance(current, (int, float)):
+            return type(current)(ast.literal_eval(text)) if isinstance(current, float) else int(text)
+        if isinstance(current, (list, tuple)):
+            return type(current)(ast.literal_eval(text))
+    except (ValueError, SyntaxError):
+        raise ValueError(f"--config.{field}: {text!r} is not a valid {type(current).__name__}") from None
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ValueError(f"--config.{field} is a section; set one of its fields ({', '.join(current)})")
+    return text
 
 
 def dream_config(cfg: ml_collections.ConfigDict) -> DreamConfig:

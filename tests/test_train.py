@@ -21,8 +21,7 @@ from torch_ref import train_loss as ref
 
 import omnidiff_jax
 from omnidiff_jax.cli import main as omnidiff
-from omnidiff_jax.commands.train import apply_override, load_config
-from omnidiff_jax.config import dream_config, get_config
+from omnidiff_jax.config import apply_override, dream_config, get_config, load_config
 from omnidiff_jax.model import OmniModel
 from omnidiff_jax.sampler import sample
 from omnidiff_jax.train import data, init, loss, optim

@@ -1,17 +1,16 @@
 """`omnidiff train --config FILE [--config.<field>=<value> ...]` and `omnidiff data prepare --config FILE`.
 
 Overrides follow ml_collections' config_flags: `--config.train.steps=100` or `--config.train.steps 100`; the value
-is parsed as the field's current type (lists and tuples as Python literals).
+is parsed as the field's current type (lists and tuples as Python literals) by `omnidiff_jax.config.load_config`.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 from pathlib import Path
 
-import ml_collections
+from omnidiff_jax.config import load_config, token_layout
 
 PREFIX = "--config."
 OVERRIDES = ("Any config field can be overridden: --config.<field>=<value> or --config.<field> <value>, e.g. "
@@ -36,7 +35,8 @@ def register(group) -> None:
                                        epilog=OVERRIDES)
     prepare.add_argument("--config", required=True, help="a training config file, e.g. configs/stage1.py")
     prepare.add_argument("--source", action="append", help="only this source (repeatable; default: all)")
-    prepare.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping")
+    prepare.add_argument("--strict", action="store_true", help="fail (exit non-zero) at the first bad record, "
+                         "including one skipped by an earlier run, instead of skipping it")
     prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
     prepare.set_defaults(func=run_prepare)
     _accept_overrides(prepare)
@@ -65,46 +65,6 @@ def _accept_overrides(parser: argparse.ArgumentParser) -> None:
     parser.parse_known_args = parse_known_args
 
 
-def load_config(path: str, overrides) -> ml_collections.ConfigDict:
-    """The config file's ConfigDict with `(dotted field, text)` overrides applied."""
-    from omnidiff_jax.config import get_config
-
-    cfg = get_config(path)
-    for field, text in overrides:
-        apply_override(cfg, field, text)
-    return cfg
-
-
-def apply_override(cfg: ml_collections.ConfigDict, field: str, text: str) -> None:
-    """Sets `cfg.<field>` from `text`, parsed as the field's current type."""
-    *parents, name = field.split(".")
-    node = cfg
-    for i, part in enumerate(parents):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            raise ValueError(f"--config.{field}: no config section {'.'.join(parents[:i + 1])}")
-        node = node[part]
-    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-        raise ValueError(f"--config.{field}: no such field")
-    node[name] = _parse(text, node[name], field)
-
-
-def _parse(text: str, current, field: str):
-    try:
-        if isinstance(current, bool):
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return text.lower() in ("true", "1")
-        if isinstance(current, (int, float)):
-            return type(current)(ast.literal_eval(text)) if isinstance(current, float) else int(text)
-        if isinstance(current, (list, tuple)):
-            return type(current)(ast.literal_eval(text))
-    except (ValueError, SyntaxError):
-        raise ValueError(f"--config.{field}: {text!r} is not a valid {type(current).__name__}") from None
-    if isinstance(current, ml_collections.ConfigDict):
-        raise ValueError(f"--config.{field} is a section; set one of its fields ({', '.join(current)})")
-    return text
-
-
 def run_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.export:
@@ -124,7 +84,7 @@ def run_train(args) -> int:
 
 
 def run_prepare(args) -> int:
-    from omnidiff_jax.config import token_layout
+    from omnidiff_jax.train.data import DataError
     from omnidiff_jax.train.prepare import prepare_source, tokenizers_from_config
 
     cfg = load_config(args.config, args.overrides)
@@ -139,9 +99,12 @@ def run_prepare(args) -> int:
         src = cfg.data.sources[name]
         if not src.jsonl:
             raise ValueError(f"source {name}: no jsonl files (data.sources.{name}.jsonl)")
-        totals = prepare_source(src.jsonl, Path(cfg.data.root) / src.path, layout, tokenizers, prefix=src.prefix,
-                                shard_size=p.shard_size, batch_size=p.batch_size,
-                                image_sizes=(p.user_image_size, p.image_size), strict=args.strict or p.strict,
-                                progress=not args.no_progress)
+        try:
+            totals = prepare_source(src.jsonl, Path(cfg.data.root) / src.path, layout, tokenizers,
+                                    prefix=src.prefix, shard_size=p.shard_size, batch_size=p.batch_size,
+                                    image_sizes=(p.user_image_size, p.image_size), strict=args.strict or p.strict,
+                                    progress=not args.no_progress)
+        except DataError as e:
+            raise DataError(f"source {name}: {e}") from e
         print(f"{name}: {json.dumps(totals)}")
     return 0

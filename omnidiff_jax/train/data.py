@@ -1,7 +1,7 @@
 """Training data: reference records, the chat template and its supervision, the masked-diffusion corruption,
 per-source packing, and the grain pipeline that mixes sources deterministically and checkpoints its position.
 
-Follows shared/spec/sampling_training.md §4.2, §4.5 and §5 (with errata.md "Training corruption"):
+Follows Omni-Diffusion `omni_diffusion/data/dataset_qwen2.py` (`preprocess`, `forward_process`, packing):
 
     record (jsonl)   {"messages": [{role, content}...], "images": [...], "audios": [...]}
     tokenize         <|im_start|>role\\n content <|im_end|>\\n per message, pieces tokenized separately;
@@ -368,9 +368,43 @@ def shard_files(folder: str | os.PathLike) -> list[str]:
     return [str(f) for f in files]
 
 
+class Shards:
+    """The records of ArrayRecord shard files as one random-access sequence of bytes (a grain data source).
+
+    Every file is opened up front, so a truncated or damaged shard fails here naming the file; a record that
+    fails its checksum when read later raises DataError naming its shard too.
+    """
+
+    def __init__(self, files: Sequence[str]):
+        lengths = []
+        for f in files:
+            try:
+                lengths.append(len(grain.sources.ArrayRecordDataSource([f])))
+            except RuntimeError as e:
+                raise DataError(f"{f}: not a readable shard ({str(e) or 'truncated or damaged'}); prepare the "
+                                "source again (`omnidiff data prepare` redoes damaged shards)") from None
+        self.files = list(files)
+        self.ends = np.cumsum(lengths)  # [files] records up to the end of each file
+        self.records = grain.sources.ArrayRecordDataSource(self.files)
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, index) -> bytes:
+        try:
+            return self.records[index]
+        except RuntimeError as e:
+            f = self.files[int(np.searchsorted(self.ends, int(index), side="right"))]
+            raise DataError(f"{f}: damaged shard ({e}); prepare the source again") from None
+
+
 def open_source(folder: str | os.PathLike) -> grain.MapDataset:
-    """A prepared source as a random-access dataset of tokenized samples."""
-    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(shard_files(folder))).map(decode_sample)
+    """A prepared source as a random-access dataset of tokenized samples; one without samples is an error."""
+    shards = Shards(shard_files(folder))
+    if not len(shards):
+        raise DataError(f"{folder}: the prepared source holds 0 samples (every record was skipped: see "
+                        f"{Path(folder) / 'source.json'})")
+    return grain.MapDataset.source(shards).map(decode_sample)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -419,12 +453,12 @@ def mixture(sources: Sequence[Source], seed: int) -> grain.MapDataset:
         used = int(n * src.ratio)
         if src.num is not None:
             used = min(used, src.num)
-        if n == 0 or used == 0:
-            continue
+        if used == 0:
+            raise DataError(f"source {src.name} yields 0 samples ({n} samples, ratio {src.ratio}, num {src.num})")
         part = Shuffled(src.samples, seed, epochs=1).repeat(math.ceil(used / n), reseed_each_epoch=False)[:used]
         parts.append(part.map(functools.partial(_tag_source, k)))
     if not parts:
-        raise DataError(f"the mixture {[s.name for s in sources]} selects no samples")
+        raise DataError("the mixture has no sources")
     return Shuffled(grain.MapDataset.concatenate(parts), seed)
 
 

@@ -4,15 +4,17 @@ shards, so the training loop never runs an image or speech tokenizer.
 For each source, the records are read in order and cut into shards of `shard_size` lines. Per shard, every media
 file the records need is tokenized once, in batches, by pluggable callables (MAGVIT-v2 image codes at 512 px for
 user images and 256 px otherwise, GLM-4-Voice codes for assistant speech, fbank/LFR features for user speech),
-then the chat template builds each sample (see data.py). A shard is written to a temporary file and renamed, its
-statistics beside it, so an interrupted run resumes at the first missing shard. Bad records (malformed JSON,
-unknown roles, placeholder counts that do not match the files, missing or unreadable media) are skipped and
-counted, or stop the run with `strict`.
+then the chat template builds each sample (see data.py). A shard is written atomically, then its statistics beside
+it with a digest of its inputs (record lines; size and mtime of the media they name), so a rerun, after an
+interruption or a change of records or media, redoes exactly the shards whose inputs changed. Bad records
+(malformed JSON, unknown roles, placeholder counts that do not match the files, missing or unreadable media) are
+skipped and counted, or stop the run with `strict`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -25,6 +27,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm import tqdm
 
 from omnidiff_jax import sharding
+from omnidiff_jax.files import atomic_write, write_text
 from omnidiff_jax.train import data
 from omnidiff_jax.vocab import TokenLayout
 
@@ -94,7 +97,12 @@ def prepare_source(jsonl: Sequence[str | os.PathLike], out_dir: str | os.PathLik
                    image_sizes: tuple[int, int] = (512, 256), strict: bool = False, progress: bool = True) -> dict:
     """Tokenizes one source's jsonl files into `out_dir`/shard-NNNNN.array_record; returns summed statistics.
 
-    Resumes: shards already present are kept (the shard size must match the earlier run's)."""
+    Reruns redo only what changed: a shard is kept when the record lines it was made from and the size and
+    modification time of every media file they name are as recorded beside it (and the shard has its recorded
+    size); shards past the last record are removed. With `strict`, the first skipped record (in a shard made
+    now or earlier) raises. A source that yields no sample raises DataError. The shard size must match the
+    earlier run's.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"jsonl": [str(p) for p in jsonl], "shard_size": shard_size, "image_sizes": list(image_sizes)}
@@ -102,19 +110,58 @@ def prepare_source(jsonl: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     template = data.ChatTemplate(tokenizers.text, layout)
     total = sum(1 for _ in _lines(jsonl))
     totals = {"records": 0, "samples": 0, "tokens": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0)}
+    shards = 0
     with tqdm(total=total, desc=str(out.name), unit="rec", disable=not progress) as bar:
         for k, chunk in enumerate(_chunks(_lines(jsonl), shard_size)):
-            shard = out / f"shard-{k:05d}.array_record"
-            if shard.exists():
-                stats = json.loads(shard.with_suffix(".json").read_text())
-            else:
+            shard, shards = out / f"shard-{k:05d}.array_record", k + 1
+            inputs = _fingerprint(chunk, prefix)
+            stats = _prepared_stats(shard, inputs)
+            if stats is None:
                 samples, stats = _tokenize_chunk(chunk, template, tokenizers, prefix, batch_size, image_sizes, strict)
-                _write_shard(shard, samples, stats)
+                _write_shard(shard, samples, {**stats, "inputs": inputs})
+            elif strict and any(stats["skipped"].values()):
+                raise data.DataError(stats["errors"][0])
             _add(totals, stats)
             bar.update(len(chunk))
             bar.set_postfix(samples=totals["samples"], skipped=sum(totals["skipped"].values()))
-    _write_json(out / "source.json", totals)
+    for stale in sorted(out.glob("shard-*.array_record"))[shards:]:
+        stale.with_suffix(".json").unlink(missing_ok=True)
+        stale.unlink()
+    write_text(out / "source.json", json.dumps(totals, indent=1))
+    if not totals["samples"]:
+        skipped = {k: v for k, v in totals["skipped"].items() if v}
+        first = next((json.loads(f.read_text())["errors"][:1] for f in sorted(out.glob("shard-*.json"))), [])
+        raise data.DataError(f"{out}: 0 samples from {totals['records']} record(s) of {settings['jsonl']}"
+                             + (f" (skipped: {skipped}; first: {first[0]})" if first else ""))
     return totals
+
+
+def _fingerprint(chunk: list[tuple[str, str]], prefix: str) -> str:
+    """A digest of a shard's inputs: its record lines and the size and mtime of every media file they name."""
+    digest = hashlib.sha256()
+    for where, line in chunk:
+        digest.update(f"{where}\n{line}\n".encode())
+        try:
+            record = data.parse_record(line, where, prefix)
+        except data.DataError:
+            continue
+        for path in (*record.images, *record.audios):
+            try:
+                st = os.stat(path)
+                digest.update(f"{path} {st.st_size} {st.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{path} missing\n".encode())
+    return digest.hexdigest()
+
+
+def _prepared_stats(shard: Path, inputs: str) -> dict | None:
+    """The statistics of `shard` if it was made from `inputs` and is whole, else None."""
+    try:
+        stats = json.loads(shard.with_suffix(".json").read_text())
+        whole = shard.stat().st_size == stats["bytes"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return stats if whole and stats.get("inputs") == inputs else None
 
 
 def _lines(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[str, str]]:
@@ -205,19 +252,14 @@ def _tokenize_media(requests: set, tokenizers: Tokenizers, batch_size: int):
 
 
 def _write_shard(path: Path, samples: list[bytes], stats: dict) -> None:
-    _write_json(path.with_suffix(".json"), stats)
-    tmp = path.with_name(path.name + ".tmp")
-    writer = ArrayRecordWriter(str(tmp), "group_size:1")
-    for s in samples:
-        writer.write(s)
-    writer.close()
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    """Writes the shard, then its statistics with its size: a shard counts as prepared only once both exist."""
+    path.with_suffix(".json").unlink(missing_ok=True)
+    with atomic_write(path, overwrite=True) as tmp:
+        writer = ArrayRecordWriter(str(tmp), "group_size:1")
+        for s in samples:
+            writer.write(s)
+        writer.close()
+    write_text(path.with_suffix(".json"), json.dumps({**stats, "bytes": path.stat().st_size}, indent=1))
 
 
 def _check_settings(path: Path, settings: dict) -> None:
@@ -227,7 +269,7 @@ def _check_settings(path: Path, settings: dict) -> None:
             raise data.DataError(f"{path}: this folder was prepared with {before}, not {settings}; use a new "
                                  "folder or delete it to start over")
     else:
-        _write_json(path, settings)
+        write_text(path, json.dumps(settings, indent=1))
 
 
 def _add(totals: dict, stats: dict) -> None:
