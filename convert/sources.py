@@ -21,6 +21,8 @@ from typing import Callable, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
+from omnidiff_jax.files import atomic_write
+
 SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -246,11 +248,9 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
         header["__metadata__"] = metadata
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path, overwrite=True) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for arr in tensors.values():
             data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False)
             f.write(data.reshape(-1).view(np.uint8).data)  # the array's own buffer, not a copy of it
-    os.replace(tmp, path)

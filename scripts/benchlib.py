@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from omnidiff_jax.files import write_text
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the PyTorch references live in tests/torch_ref
 
@@ -52,9 +54,7 @@ def report(name: str, rows: list[dict], columns: list[str], path: str | None) ->
     if path:
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps({"benchmark": name, "machine": machine(), "rows": rows}, indent=2))
-        os.replace(tmp, out)
+        write_text(out, json.dumps({"benchmark": name, "machine": machine(), "rows": rows}, indent=2))
         print(f"wrote {out}")
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -34,6 +33,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from omnidiff_jax.files import write_text
 from omnidiff_jax.sampler import ALGS, Prompt, sample
 
 
@@ -170,10 +170,7 @@ def run(args) -> int:
             lines.append(json.dumps(task.render(prompt, ids, model, tokenizer), ensure_ascii=False))
     text = "".join(line + "\n" for line in lines)
     if args.output:
-        out = Path(args.output)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out)
+        write_text(args.output, text)
     else:
         sys.stdout.write(text)
     return 0
@@ -237,9 +234,7 @@ def run_tasks(args, model) -> int:
         label = record["error"] or record["image"] or record["wav"] or repr(record["text"][:60])
         print(f"[{stem}] {record['task']}: {label}", file=sys.stderr)
     manifest = out / "manifest.jsonl"
-    tmp = manifest.with_name(manifest.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, manifest)
+    write_text(manifest, "".join(line + "\n" for line in lines))
     failed = sum(r["error"] is not None for r in results)
     print(f"{len(results) - failed} of {len(results)} requests done; manifest: {manifest}", file=sys.stderr)
     return 1 if failed else 0

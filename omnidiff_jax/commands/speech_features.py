@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
 
 from omnidiff_jax import fbank
+from omnidiff_jax.files import atomic_write
 from omnidiff_jax.speech_in import load_wave
 
 
@@ -36,12 +36,7 @@ def run(args) -> int:
     print(f"  min {feats.min():.4f}  max {feats.max():.4f}  mean {feats.mean():.4f}  std {feats.std():.4f}  "
           f"({cmvn})")
     if args.out is not None:
-        tmp = args.out.with_name(f".{args.out.name}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.save(f, feats)
-            os.replace(tmp, args.out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_write(args.out, overwrite=True) as tmp, open(tmp, "wb") as f:
+            np.save(f, feats)
         print(f"  wrote {args.out}")
     return 0

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from omnidiff_jax.files import atomic_write
 
 
 def register(group) -> None:
@@ -40,15 +41,11 @@ def run(args) -> int:
     if out is None:
         sys.stdout.write(text)
         return 0
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
+    with atomic_write(out, overwrite=True) as tmp:
         if out.suffix == ".npy":
             with open(tmp, "wb") as f:
                 np.save(f, codes)
         else:
             tmp.write_text(text)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     print(f"{len(codes)} codes -> {out}", file=sys.stderr)
     return 0

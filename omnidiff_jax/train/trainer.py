@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from omnidiff_jax import sharding
 from omnidiff_jax.config import dream_config, token_layout
+from omnidiff_jax.files import write_text
 from omnidiff_jax.model import abstract_params
 from omnidiff_jax.models.dream import Dream, DreamConfig
 from omnidiff_jax.train import data
@@ -362,9 +363,7 @@ class MetricsLog:
         self.path = path
         if path.exists():
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if jax.process_index() == 0:
@@ -378,9 +377,7 @@ def _short(value) -> str:
 
 def _write_config(path: Path, cfg: ml_collections.ConfigDict) -> None:
     if jax.process_index() == 0:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(cfg.to_json(indent=2))
-        os.replace(tmp, path)
+        write_text(path, cfg.to_json(indent=2))
 
 
 def load_run_params(workdir: str | os.PathLike, step: int | None = None, shardings: dict | None = None) -> dict:
