@@ -1,4 +1,4 @@
-"""The released Omni-Diffusion model (shared/spec/model.md §0): Dream-7B with a 176264-token vocabulary, bf16."""
+"""The released Omni-Diffusion model (its `config_dream_resume.json`): Dream-7B, a 176264-token vocabulary, bf16."""
 
 from omnidiff_jax.configs.base import model_config
 

@@ -1,7 +1,7 @@
 """Stage 1 of Omni-Diffusion's recipe: visual-language pre-alignment (text-to-image and image captioning), from
 Dream-v0-Base-7B with its 152064-row vocabulary grown to 176264 rows (new rows ~ N(0, 0.02)).
 
-The reference repository ships neither per-stage data lists nor hyper-parameters (sampling_training.md §4.4);
+The reference repository ships neither per-stage data lists nor hyper-parameters (only `configs/finetune.yaml`);
 the optimizer, batch (8 x 16 packs of 3072 tokens) and length (24000 updates) are those of its shipped
 fine-tuning script, and the sources are the paper's kinds of data at the paths the reference's data config uses.
 Prepare the sources first: `omnidiff data prepare --config configs/stage1.py`.

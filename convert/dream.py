@@ -1,9 +1,9 @@
 """Key map between the reference `DreamModel` state_dict and our Dream parameter tree, and its config.json.
 
-Every LLM key of shared/spec/model.md §6.1 maps here; per-layer keys stack onto the scanned `layers` axis.
-Linear weights are transposed, except the output head, kept [vocab, hidden] (see `models.dream`); q/k/v/o are
-reshaped to explicit head axes. The speech-input keys (`model.audio_model.*`, `model.audio_projection.*`) belong
-to the speech front end and are accounted for there.
+Every LLM key of the released Omni-Diffusion checkpoint (Dream `modeling_dream.py` names) maps here; per-layer keys
+stack onto the scanned `layers` axis. Linear weights are transposed, except the output head, kept [vocab, hidden] (see
+`models.dream`); q/k/v/o are reshaped to explicit head axes. The speech-input keys (`model.audio_model.*`,
+`model.audio_projection.*`) belong to the speech front end and are accounted for there.
 """
 
 from __future__ import annotations

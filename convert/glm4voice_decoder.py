@@ -1,7 +1,7 @@
 """Key maps and config reader for the GLM-4-Voice speech decoder (`THUDM/glm-4-voice-decoder`).
 
 The release is a folder of `config.yaml` (hyperpyyaml), `flow.pt` and `hift.pt` (torch-saved state dicts, read with
-`torch_file`, i.e. `torch.load(weights_only=True)`). Every key of shared/spec/keys/glm4voice_flow.txt and
+`torch_file`, i.e. `torch.load(weights_only=True)`). Every key of tests/data/keys/glm4voice_flow.txt and
 glm4voice_hift.txt maps here. Linear weights are transposed (attention projections reshaped to explicit heads),
 Conv1d weights [O, I, k] become [k, I, O], ConvTranspose1d weights [I, O, k] become [k, O, I] for Flax's
 `transpose_kernel=True`. HiFT's weight-normed convolutions are folded (w = v g / ||v||, in the stored layout, so the

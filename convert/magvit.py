@@ -1,6 +1,6 @@
 """Key map between showlab/magvitv2 `pytorch_model.safetensors` and our `Magvit` parameter tree, both ways.
 
-Every key of shared/spec/keys/magvitv2.txt maps here: `encoder.*` and `decoder.*` (conv weights
+Every key of tests/data/keys/magvitv2.txt maps here: `encoder.*` and `decoder.*` (conv weights
 [O, I, kh, kw] -> kernels [kh, kw, I, O]; GroupNorm weight -> scale), while the two LFQ buffers
 `quantize.embedding` and `quantize.power_vals` hold no learned values: they are dropped on import (the JAX LFQ
 computes them) and written back on export, so the reference's strict loader finds them.

@@ -1,6 +1,6 @@
 """Key maps for the speech-input weights: the SenseVoice-Small encoder and the audio projector.
 
-Two checkpoint layouts hold them (shared/spec/model.md §6.2, §6.3):
+Two checkpoint layouts hold them (Omni-Diffusion `modeling_dream.py` and FunASR SenseVoiceSmall names):
 
 - the Omni-Diffusion checkpoint: `model.audio_model.model.<SenseVoice name>` and `model.audio_projection.*`,
   beside the LLM keys (which `convert.dream` maps);

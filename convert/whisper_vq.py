@@ -1,6 +1,6 @@
 """Key map and config reader for the GLM-4-Voice speech tokenizer (`THUDM/glm-4-voice-tokenizer`).
 
-Two layouts are accepted (shared/spec/tokenizers.md §2.5):
+Two layouts are accepted (GLM-4-Voice `speech_tokenizer/modeling_whisper.py` names):
   * the released `model.safetensors`, saved from `WhisperVQEncoder`: keys without a prefix, layers 0..15, the
     codebook, `embed_positions2` and the EMA buffers;
   * a full `WhisperVQForConditionalGeneration` checkpoint: the encoder under `model.encoder.` with all 32 layers

@@ -1,5 +1,6 @@
-"""Adaptive generation lengths for ASR and TTS, as the reference's evaluation scripts set them (spec
-sampling_training.md §3). `tools/inference.py` does not use them (it runs 50 tokens in 25 steps).
+"""Adaptive generation lengths for ASR and TTS, as the reference's evaluation scripts set them (Omni-Diffusion
+`tools/evaluate_asr.py`, `tools/evaluate_libritts.py`). `tools/inference.py` does not use them (it runs 50 tokens in 25
+steps).
 
     ASR (evaluate_asr.py):      N = int(0.2 * P)      steps = int(N / 2)   one block of N, entropy
     TTS (evaluate_libritts.py): N = int(3.5 * T_text) steps = N // 2       entropy-penalty, repeat penalty 1.2

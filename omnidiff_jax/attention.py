@@ -1,8 +1,9 @@
 """Bidirectional grouped-query attention behind one function, with a backend per platform.
 
-Masking follows the reference (shared/spec/model.md §1.7): keys are visible to a query when both lie in the same
-packed segment; queries marked invalid (padding) attend to nothing and output exactly 0, as PyTorch >= 2.5 SDPA
-does. Key-side padding is not masked: it belongs to the last segment. With `segment_ids=None` attention is full.
+Masking follows the reference (Dream `modeling_dream.py`, `DreamModel.forward`): keys are visible to a query when both
+lie in the same packed segment; queries marked invalid (padding) attend to nothing and output exactly 0, as PyTorch >=
+2.5 SDPA does. Key-side padding is not masked: it belongs to the last segment. With `segment_ids=None` attention is
+full.
 
 Backends:
   xla     plain matmuls with an fp32 softmax; any platform, the reference for the others.

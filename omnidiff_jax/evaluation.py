@@ -1,6 +1,6 @@
-"""The reference's evaluations (shared/spec/sampling_training.md §3, §6): ASR and TTS word error rate, MME score.
+"""The reference's evaluations (Omni-Diffusion `tools/evaluate_*.py`): ASR and TTS word error rate, MME score.
 
-    ASR   LibriSpeech-format jsonl -> one "asr" request per record (adaptive length, §3). The hypothesis is the
+    ASR   LibriSpeech-format jsonl -> one "asr" request per record (adaptive length). The hypothesis is the
           generated text (ids below the first speech code, up to the first <|im_end|>: `asr_text_ids`) with
           "<|im_end|>", "<|endoftext|>" and "-" removed; the reference is messages[1].content.
     TTS   LibriTTS-format jsonl -> one "tts" request per record (adaptive length, entropy-penalty 1.2). Samples
@@ -44,7 +44,7 @@ from omnidiff_jax.vocab import TokenLayout
 
 Request = dict
 
-# Settings of the reference's evaluation scripts, as request overrides (spec §3, §6).
+# Settings of the reference's evaluation scripts, as request overrides.
 ASR_SETTINGS = {"adaptive": "asr", "alg": "entropy"}
 TTS_SETTINGS = {"adaptive": "tts", "alg": "entropy-penalty", "repeat_penalty": 1.2}
 MME_SETTINGS = {"gen_length": 8, "steps": 8, "alg": "entropy"}

@@ -1,6 +1,7 @@
 """SenseVoice's speech front end: Kaldi-compatible log-mel filter bank, low frame rate stacking (LFR) and CMVN.
 
-shared/spec/model.md §4.1. A 16 kHz waveform in [-1, 1] becomes float32 features [T_lfr, 560]:
+FunASR `funasr/frontends/wav_frontend.py`, as Omni-Diffusion `tokenizer_sensevoice_glm4voice.py` calls it.
+A 16 kHz waveform in [-1, 1] becomes float32 features [T_lfr, 560]:
 
     x = wave * 32768                                           (Kaldi works in the int16 range)
     frames of 400 samples every 160 (25 / 10 ms, snip_edges)   T = 1 + (N - 400) // 160

@@ -1,6 +1,6 @@
 """Images <-> MAGVIT-v2 codes: the reference preprocessing (PIL), batched jitted encode/decode, PNG output.
 
-Preprocessing is the reference's torchvision `image_transform` (shared/spec/tokenizers.md §1.6), done with PIL
+Preprocessing is the reference's torchvision `image_transform` (Omni-Diffusion `image_processor.py`), done with PIL
 on the host because token parity depends on PIL's antialiased uint8 bicubic: convert to RGB, resize the shorter
 side to `size` (the longer to int(size * long / short)), center crop with Python's banker's rounding of the
 offsets, scale to [-1, 1]. Omni-Diffusion tokenizes user images at 512 (1024 codes) and generated images at

@@ -30,7 +30,7 @@ from omnidiff_jax.tasks import (INPUTS, PRESETS, TASKS, TaskPreset, build_prompt
                                 task_content)
 from omnidiff_jax.text_tokenizer import ByteTokenizer, HFTokenizer, TextTokenizer
 
-GENERATED_IMAGE_CODES = 256  # a 256 x 256 image: 16 x 16 codes (spec §2.3)
+GENERATED_IMAGE_CODES = 256  # a 256 x 256 image: 16 x 16 codes (Omni-Diffusion `tools/inference.py`)
 USER_IMAGE_SIZE = 512  # user images are encoded at 512 x 512 -> 1024 codes
 SAMPLER_OPTIONS = ("seed", "cfg_compat", "block_size", "prefix_cache", "alg_temp")
 

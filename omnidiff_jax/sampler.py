@@ -1,4 +1,4 @@
-"""The masked-diffusion sampler: the reference `_sample` loop (shared/spec/sampling_training.md §1) as one jit.
+"""The masked-diffusion sampler: the reference `_sample` loop (Omni-Diffusion `generation_utils.py`) as one jit.
 
 Per row, as the reference does it for one prompt:
 
@@ -63,7 +63,7 @@ _PROMPT, _CANVAS, _ZERO = 0, 1, 2
 @dataclasses.dataclass(frozen=True)
 class Prompt:
     """One prompt: token ids [P], and optionally embeddings [T, hidden] that overwrite the token embeddings at
-    `embed_positions` [T] (speech features on their `<|context_of_audio|>` placeholders, model.md §1.8)."""
+    `embed_positions` [T] (speech features on their `<|context_of_audio|>` placeholders, as Dream's forward)."""
 
     ids: Sequence[int] | np.ndarray
     embeds: np.ndarray | None = None
@@ -503,7 +503,7 @@ def _decider(cfg: DreamConfig, mesh, top_k: int | None, batch: int):
 
 def _decide(logits, tokens, step: _Step, j, knobs: _Knobs, noise: _Noise, *, mask_id: int, vocab_size: int,
             top_k: int | None, vocab_axes):
-    """One update of every row's generation region from its shifted logits [B, Nb, V] (§1.5, §1.6).
+    """One update of every row's generation region from its shifted logits [B, Nb, V] (`generation_utils.py`).
 
     Returns (tokens [B, Nb], ran [B]: whether the row ran this step). `vocab_axes`: the mesh axes the logits'
     vocabulary is split over (inside shard_map), or None.
@@ -596,7 +596,7 @@ def _logsumexp(x, vocab_axes):
 
 
 def _sample_rows(logits, rows, generated, knobs: _Knobs, repeat_penalty, top_k: int | None, gumbel, vocab_axes):
-    """`sample_tokens` (§1.5) for every column at once: returns x0 and the alg's confidence, both [B, Nb].
+    """The reference `sample_tokens` for every column at once: returns x0 and the alg's confidence, both [B, Nb].
 
     logits [B, Nb, V] (the model dtype: the math rounds to it where the reference does); rows [B, Nb] marks the
     rows the reference passes (their count and order drive the position penalty); generated [B, V] marks the

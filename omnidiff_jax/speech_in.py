@@ -1,7 +1,7 @@
 """Speech input for the LLM: audio file -> features -> SenseVoice encoder -> projector -> placeholder embeddings.
 
-shared/spec/model.md §2-§4. The user-side audio of ASR, speech-to-image and spoken VQA enters Dream as continuous
-embeddings rather than tokens:
+Omni-Diffusion `modeling_sensevoice.py`, `resampler_projector.py`, `audio_processor.py`. The user-side audio of ASR,
+speech-to-image and spoken VQA enters Dream as continuous embeddings rather than tokens:
 
     wave   = load_wave(path)                                16 kHz mono float in [-1, 1] (audio_io.load_audio)
     feats  = fbank.wave_features(waves)                     [N, T_lfr, 560], T_lfr ≈ 16.7 per second

@@ -7,7 +7,7 @@ An utterance of N codes becomes 256 * mel_frames(N) samples (about 1764 per code
 by code-length bucket (N rounded up by at most 25%), and each group runs as one batch through the jitted flow and
 vocoder, which compile once per (batch size, bucket). Padding is masked exactly, so an utterance's waveform does not
 depend on its bucket or batch-mates: utterance i draws its randomness from fold_in(key(seed), i), and the noise is
-drawn frame by frame. The reference (spec tokenizers.md §3.2) seeds torch with 42 instead; to reproduce it, pass
+drawn frame by frame. The reference (GLM-4-Voice `flow_matching.py`) seeds torch with 42 instead; to reproduce it, pass
 its noise: `SpeechDecoder.mel(codes, noise=...)` takes the flow's starting noise z, `.vocode(..., source=...)` the
 vocoder's harmonic source signal.
 """

@@ -1,6 +1,6 @@
 """Speech -> GLM-4-Voice codes at 12.5 Hz: the Whisper log-mel front end, 30 s chunking, and batched tokenizing.
 
-Front end (shared/spec/tokenizers.md §2.2, transformers' `WhisperFeatureExtractor` as the reference calls it):
+Front end (transformers' `WhisperFeatureExtractor` as Omni-Diffusion `tokenizer_sensevoice_glm4voice.py` calls it):
 a 16 kHz clip is zero-padded to a multiple of 1280 samples; a 400-point STFT with hop 160, periodic Hann window
 and 200-sample reflect padding at both ends gives 1 + L/160 frames, of which the last is dropped; power spectrum,
 128 slaney mel filters, log10 (floored at 1e-10), a floor at the clip's maximum - 8, then (x + 4) / 4.
@@ -8,7 +8,7 @@ Frame f is valid iff 160 f < samples. It runs in float64 NumPy on the host, over
 reference's float32 `torch.stft` is itself about 1.4e-5 off the exact values on real speech, a float32 XLA FFT
 about as much again, and the codes are argmins.
 
-Chunking (§2.3): a clip is cut into 30 s segments, each is tokenized on its own, and the codes are concatenated.
+Chunking (`extract_speech_token`): a clip is cut into 30 s segments, each tokenized on its own, codes concatenated.
 A segment of n samples gives ceil(n / 1280) codes (conv stride 2 x pooling 4 x hop 160 = 1280 samples = 80 ms).
 
 Every segment is tokenized as if it were alone: its log-mel is computed on its own and zero-padded to the batch

@@ -1,4 +1,4 @@
-"""The six tasks: per-task presets, prompt construction and output parsing (shared/spec/sampling_training.md §2-§3).
+"""The six tasks: per-task presets, prompt construction and output parsing (Omni-Diffusion `tools/inference.py`).
 
 Prompts follow the reference chat template (Qwen2 ChatML with no default system message):
 
@@ -30,7 +30,7 @@ TASKS = ("t2i", "s2i", "vqa", "svqa", "tts", "asr")
 
 @dataclasses.dataclass(frozen=True)
 class TaskPreset:
-    """Reference settings of one task (spec §2.2); every field may be overridden per request."""
+    """Reference settings of one task (`tools/inference.py`); every field may be overridden per request."""
 
     system: str | None
     content: str  # user content template: {text} is the request text; <|image|>, <|audio|> are placeholders
@@ -120,7 +120,7 @@ def task_content(task: str, text: str | None) -> str:
 
 @dataclasses.dataclass
 class ParsedOutput:
-    """A generated region split as the reference does (spec §2.3)."""
+    """A generated region split as the reference does (`tools/inference.py`)."""
 
     text_ids: list[int]
     audio_codes: list[int]

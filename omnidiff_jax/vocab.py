@@ -1,6 +1,7 @@
 """The token id layout of Omni-Diffusion's single vocabulary, and helpers to build and classify ids.
 
-Layout (shared/spec/model.md §5), for the released model:
+Layout (Omni-Diffusion `omni_diffusion/tokenizer.py` `update_tokenizer`, then `update_tokenizer_for_magvitv2` in
+`tools/finetune_dream_v4_51_3.py`), for the released model:
 
     [0, 151643)            text BPE tokens (Qwen2.5)
     [151643, 151667)       24 Dream specials: <|endoftext|> (eos = pad) ... <|mask|> = 151666

@@ -39,11 +39,11 @@ import numpy as np
 from omnidiff_jax.convert.sources import write_safetensors
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-H, HEADS, KV, FF, VOCAB = 3584, 28, 4, 18944, 176264  # shared/spec/model.md §0
+H, HEADS, KV, FF, VOCAB = 3584, 28, 4, 18944, 176264  # Omni-Diffusion `config_dream_resume.json`
 
 
 def reference_keys(layers: int) -> dict[str, tuple[int, ...]]:
-    """Every key and shape of the released checkpoint (shared/spec/model.md §6), with `layers` LLM layers."""
+    """Every key and shape of the released checkpoint (Dream `modeling_dream.py` names), with `layers` LLM layers."""
     kv = H // HEADS * KV
     keys = {"model.embed_tokens.weight": (VOCAB, H), "model.norm.weight": (H,), "lm_head.weight": (VOCAB, H)}
     for i in range(layers):

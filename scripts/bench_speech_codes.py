@@ -23,7 +23,7 @@ from omnidiff_jax.speech_tokenizer import SpeechTokenizer
 from torch_ref import whisper_vq as ref
 
 GLM4VOICE = dict(d_model=1280, encoder_attention_heads=20, encoder_ffn_dim=5120, encoder_layers=32,
-                 pooling_position=16, quantize_position=16, quantize_vocab_size=16384)  # shared/spec §2.1
+                 pooling_position=16, quantize_position=16, quantize_vocab_size=16384)  # the released config.json
 
 
 def main():
@@ -41,7 +41,7 @@ def main():
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     params = whisper_vq_keymap().load(in_memory(state), abstract_params(config), dtype="float32")
     fe = ref.feature_extractor()
-    speech, _ = load_audio(benchlib.REPO.parent / "shared" / "assets" / "asr_0.wav")
+    speech, _ = load_audio(benchlib.DATA / "asr_0.wav")
     n = int(args.seconds * 16000)
     clip = np.resize(speech, n)
 

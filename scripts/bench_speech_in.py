@@ -23,7 +23,7 @@ from omnidiff_jax.speech_in import load_speech_input, load_wave
 from torch_ref import sensevoice as ref
 
 SMALL = dict(output_size=512, attention_heads=4, linear_units=2048, num_blocks=50, tp_blocks=20,
-             vocab_size=25055)  # SenseVoiceSmall, shared/spec/model.md §2.2
+             vocab_size=25055)  # SenseVoiceSmall, Omni-Diffusion `config.yaml`
 
 
 def main():
@@ -44,7 +44,7 @@ def main():
     state = {k: v.numpy() for k, v in ref.omni_state(sv, proj).items()}
     speech = load_speech_input(in_memory(state), encoder, projector, dtype="float32")
     cmvn = torch.from_numpy(np.stack([speech.cmvn.shift, speech.cmvn.scale]))
-    clip = np.resize(load_wave(benchlib.REPO.parent / "shared" / "assets" / "asr_0.wav"), int(args.seconds * 16000))
+    clip = np.resize(load_wave(benchlib.DATA / "asr_0.wav"), int(args.seconds * 16000))
 
     def torch_front(clips):
         return [ref.frontend(torch.from_numpy(w), cmvn) for w in clips]

@@ -7,7 +7,7 @@ tests/test_pipeline.py builds its tiny one; images go through a tiny random MAGV
 speech outputs stay codes (no waveform decoder). So the numbers are the LLM's sampling plus prompt building;
 the full-size MAGVIT, SenseVoice and speech decoder have their own benchmarks (bench_images, bench_speech_in,
 bench_speech_out). Text is UTF-8 bytes (a random checkpoint has no tokenizer files), so text prompts are a few
-times longer than with the released BPE. Inputs are the real files in ../shared/assets (a 512-pixel user image is
+times longer than with the released BPE. Inputs are the real files in tests/data (a 512-pixel user image is
 1024 codes).
 
 By default every task runs its preset from omnidiff_jax/tasks.py: t2i and s2i 260 steps for 260 tokens (s2i with
@@ -61,7 +61,7 @@ def build(root: Path) -> Pipeline:
 
 
 def request(task: str, steps: int | None, assets: Path) -> dict:
-    """The task's benchmark request with its inputs from the `assets` folder (../shared/assets)."""
+    """The task's benchmark request with its inputs from the `assets` folder (tests/data)."""
     fields = {k: str(assets / v) if k in ("audio", "image") else v for k, v in REQUESTS[task].items()}
     return {"task": task, **fields, **({"steps": steps} if steps else {})}
 
@@ -71,7 +71,7 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="steps for every task (default: each task's preset)")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    ap.add_argument("--assets", type=Path, default=benchlib.REPO.parent / "shared" / "assets")
+    ap.add_argument("--assets", type=Path, default=benchlib.DATA)
     ap.add_argument("--json", default="out/bench_tasks.json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:

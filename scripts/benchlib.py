@@ -15,6 +15,7 @@ from omnidiff_jax.files import write_text
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the PyTorch references live in tests/torch_ref
+DATA = REPO / "tests" / "data"  # the reference's images and speech (tests/data/README.md)
 
 
 def timeit(fn: Callable[[], object], *, warmup: int = 1, reps: int = 5, min_seconds: float = 0.0) -> float:

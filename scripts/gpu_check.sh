@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One-call GPU check for a session with a lent GPU. The device image has python3 3.12 with jax (CUDA), flax,
-# optax, orbax and torch but no network; the other packages travel as wheels in .wheels/ and the real inputs
-# of ../shared/assets in .assets/ (both ignored by git), made here with `--download`:
+# optax, orbax and torch but no network; the other packages travel as wheels in .wheels/ (ignored by git), made
+# here with `--download`; the real inputs are the repository's tests/data:
 #   here:    bash scripts/gpu_check.sh --download
-#   device:  run(command="bash scripts/gpu_check.sh", carry=[".wheels", ".assets"], timeout_s=540)
+#   device:  run(command="bash scripts/gpu_check.sh", carry=[".wheels"], timeout_s=540)
 # Stages, each with its own time limit (the whole finishes in under 8 minutes), tables in $OUT (or out/):
 #   1. parity tests on the GPU: tests/test_dream.py (fp32 against PyTorch at the highest matmul precision, and
 #      the bf16 checks) and tests/test_sampler.py (tokens identical to the reference loop; its mesh test needs
@@ -24,7 +24,6 @@ if [[ "${1:-}" == "--download" ]]; then
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]}" --platform any -d .wheels \
     ml_collections grain array-record portpicker soundfile cffi pycparser soxr
-  mkdir -p .assets && cp ../shared/assets/* .assets/
   exit
 fi
 out="${OUT:-out}"
@@ -52,5 +51,5 @@ stage forward 90 python3 scripts/gpu_check.py --part forward --json "$out/gpu_fo
 stage sampler 70 python3 scripts/gpu_check.py --part sampler --json "$out/gpu_sampler.json"
 stage train 50 python3 scripts/bench_train.py --config omni_diffusion_7b --layers 4 --seq-len 3072 --packs 1 \
   --bf16 --remat full --no-torch --reps 3 --json "$out/gpu_train.json"
-stage tasks 130 python3 scripts/bench_tasks.py --assets .assets --json "$out/gpu_tasks.json"
+stage tasks 130 python3 scripts/bench_tasks.py --json "$out/gpu_tasks.json"
 echo "=== done ($(date +%T))"

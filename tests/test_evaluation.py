@@ -1,5 +1,5 @@
 """Evaluation: compute-wer's tokenisation and alignment, the ASR/TTS text clean-up, MME reading and scoring, and the
-runners and CLI end to end with deterministic stand-in generators on the shared assets. Expected values are counted
+runners and CLI end to end with deterministic stand-in generators on tests/data. Expected values are counted
 by hand in the comments."""
 
 import json

@@ -23,7 +23,7 @@ from omnidiff_jax.image import (ImageError, ImageTokenizer, abstract_params, che
 from omnidiff_jax.models.magvit import MagvitConfig, lfq_codes, lfq_latents
 from torch_ref.magvit import random_magvit
 
-KEYS = Path(__file__).resolve().parents[2] / "shared" / "spec" / "keys" / "magvitv2.txt"
+KEYS = Path(__file__).resolve().parent / "data" / "keys" / "magvitv2.txt"
 TINY = MagvitConfig.tiny()
 
 
@@ -72,7 +72,7 @@ def test_real_key_list_maps_completely():
     plan = magvit_keymap().plan(shapes, {k: v.shape for k, v in target.items()})
     assert len(plan.entries) == 380 and set(plan.dropped) == {"quantize.embedding", "quantize.power_vals"}
     count = lambda prefix: sum(int(np.prod(v.shape)) for k, v in target.items() if k.startswith(prefix))  # noqa
-    assert (count("encoder/"), count("decoder/")) == (55_439_171, 39_947_833)  # shared/spec/tokenizers.md §0
+    assert (count("encoder/"), count("decoder/")) == (55_439_171, 39_947_833)  # the sums over data/keys/magvitv2.txt
 
 
 # ----------------------------------------------------------------------------------------------- parity

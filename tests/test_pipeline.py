@@ -1,5 +1,5 @@
 """End to end: every task from a converted tiny checkpoint (Dream + SenseVoice + projector, imported to orbax),
-a tiny MAGVIT-v2 and a tiny GLM-4-Voice decoder, with the real images and speech from ../shared/assets."""
+a tiny MAGVIT-v2 and a tiny GLM-4-Voice decoder, with the real images and speech in tests/data."""
 
 import json
 
@@ -62,7 +62,7 @@ def test_every_task_end_to_end(pipe, assets):
 
 
 def test_prompts_equal_the_reference_token_sequences(pipe, assets):
-    """Each task's prompt, built by hand from the spec (§2.1-2.2) with the same byte tokenizer."""
+    """Each task's prompt, built by hand from Omni-Diffusion `tools/inference.py` with the same byte tokenizer."""
     lay = pipe.model.layout
     enc = ByteTokenizer(lay.num_text).encode
     head = lambda role: [lay.im_start, *enc(f"{role}\n")]  # noqa: E731

@@ -1,7 +1,7 @@
 """Sampler parity: our jitted sampler against the PyTorch transcription of the reference `_sample` loop
 (tests/torch_ref/sampler.py), both driven by the same tiny Dream weights read from a real safetensors folder
 through our converter, in float32. Plus batching, the sampling modes (statistically), the prefix cache, the
-schedule rules the spec states, bad input, the mesh, the adaptive-length helpers and the CLI.
+schedule rules of the reference, bad input, the mesh, the adaptive-length helpers and the CLI.
 
 The fixture model's lm_head is scaled by 3 so that top-p 0.9 keeps ~20 tokens (it is exercised) and no masked
 row is left with a single token (which would make whole groups of positions tie at confidence 0 or 1, where
@@ -117,13 +117,13 @@ def transfer_counts(gen_length, steps, boa=False):
 
 
 def test_schedule_follows_the_spec():
-    # spec §1.6: N = S gives 1 token per step; N = 2S gives 1, 2, ..., 2, 3; N = 21, S = 10 gives 2 x 9, 3;
+    # `generation_utils.py`: N = S gives 1 token per step; N = 2S gives 1, 2, ..., 2, 3; N = 21, S = 10 gives 2 x 9, 3;
     # 127 masks (BOA) in 128 steps: 1 per step, stopping after step 127
     assert transfer_counts(8, 8) == [1] * 8 and transfer_counts(260, 260) == [1] * 260
     assert transfer_counts(50, 25) == [1] + [2] * 23 + [3] and transfer_counts(16, 8) == [1] + [2] * 6 + [3]
     assert transfer_counts(21, 10) == [2] * 9 + [3]
     assert transfer_counts(128, 128, boa=True) == [1] * 127
-    assert boa_index(57, 128) == 25  # spec §1.2: N = 128 puts BOA at P + 25
+    assert boa_index(57, 128) == 25  # Omni-Diffusion `generation_utils.py`: N = 128 puts BOA at P + 25
     assert len(schedule(10, 10, 4, False)) == 4 + 4 + 2  # S_b = int(len_b / N * S), restarted per block
 
 
@@ -298,7 +298,7 @@ def test_mesh_matches_single_device_without_gathering_the_vocabulary(setup):
 
 
 def test_adaptive_lengths_follow_the_evaluation_scripts():
-    # spec §3: 10 s of audio -> T_lfr 167 -> P ~ 187 -> N = 37, steps = 18
+    # `tools/evaluate_asr.py`: 10 s of audio -> T_lfr 167 -> P ~ 187 -> N = 37, steps = 18
     asr = adaptive_length.asr(187)
     assert (asr["gen_length"], asr["steps"], asr["block_size"], asr["alg"]) == (37, 18, 37, "entropy")
     tts = adaptive_length.tts(11)

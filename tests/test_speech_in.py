@@ -113,7 +113,7 @@ def test_lfr_and_cmvn_match_funasr_loops():
     for k, f in enumerate(frames):
         np.testing.assert_array_equal(batch[k, :fbank.num_lfr_frames(len(f))], fbank.lfr(f[None])[0])
 
-    cmvn = fbank.SENSEVOICE_CMVN  # spec §4.1 quotes these entries of SenseVoiceSmall's am.mvn
+    cmvn = fbank.SENSEVOICE_CMVN  # these entries of SenseVoiceSmall's am.mvn
     assert (cmvn.shift[0], cmvn.shift[79], cmvn.scale[0], cmvn.scale[79]) == pytest.approx(
         (-8.311879, -11.71208, 0.155775, 0.1509654))
     np.testing.assert_array_equal(cmvn.shift.reshape(7, 80), np.broadcast_to(cmvn.shift[:80], (7, 80)))
@@ -278,7 +278,7 @@ def test_converter_reports_bad_checkpoints(reference, tmp_path):
 
 def test_expand_audio_placeholders():
     lay = TokenLayout()
-    boa, eoa, ctx, tag = 151684, 151685, 151686, 151687  # spec §4.2
+    boa, eoa, ctx, tag = 151684, 151685, 151686, 151687  # added in this order by Omni-Diffusion `tokenizer.py`
     assert (lay.begin_of_audio, lay.end_of_audio, lay.context_of_audio, lay.audio_tag) == (boa, eoa, ctx, tag)
     ids, positions = expand_audio_placeholders([10, tag, 11, 12, tag, 13], [2, 1], lay)
     assert ids.tolist() == [10, boa] + [ctx] * 6 + [eoa, 11, 12, boa] + [ctx] * 5 + [eoa, 13]

@@ -23,7 +23,7 @@ from omnidiff_jax.models.hift import HiFT, HiFTConfig
 from omnidiff_jax.speech_out import CodesError, SpeechDecoder, decode_speech, flow_param_shapes, hift_param_shapes
 from torch_ref import glm4voice_decoder as R
 
-KEYS = Path(__file__).resolve().parents[2] / "shared" / "spec" / "keys"
+KEYS = Path(__file__).resolve().parent / "data" / "keys"
 MEL = R.TINY_FLOW["output_size"]
 
 
@@ -83,13 +83,13 @@ def test_mel_frames_is_the_reference_float32_rule():
     torch_frames = (torch.from_numpy(n.astype(np.int32)) / 12.5 * 22050 / 256).int().numpy()
     np.testing.assert_array_equal(mel_frames(n), torch_frames)
     below_exact = n[mel_frames(n) != n * 441 // 64]
-    np.testing.assert_array_equal(below_exact, [3392, 3776, 4160])  # spec §3.2: float32 lands one frame short
+    np.testing.assert_array_equal(below_exact, [3392, 3776, 4160])  # flow.py: float32 lands one frame short
     assert mel_frames(3392) == 3392 * 441 // 64 - 1
     assert [int(mel_frames(k)) for k in (10, 37, 50, 123)] == [68, 254, 344, 847]
 
 
 def released_keys(name):
-    """{key: shape} from shared/spec/keys/glm4voice_{name}.txt (lines `key (d0, d1) float32`)."""
+    """{key: shape} from data/keys/glm4voice_{name}.txt (lines `key (d0, d1) float32`)."""
     lines = (KEYS / f"glm4voice_{name}.txt").read_text().splitlines()
     rows = [re.fullmatch(r"(\S+) \(([\d, ]*)\) float32", ln) for ln in lines if ln.strip() and ln[0] != "#"]
     return {m[1]: tuple(int(x) for x in re.findall(r"\d+", m[2])) for m in rows}

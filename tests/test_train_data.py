@@ -39,7 +39,7 @@ def fake_features(paths):
 TOKENIZERS = prepare.Tokenizers(TEXT, fake_image, fake_codes, fake_features)
 SIZES = (64, 32)  # user images -> 16 codes, others -> 4 codes
 
-# The README's six task layouts (sampling_training.md §5.1), with audio file names giving frame counts.
+# The six task layouts of Omni-Diffusion's `README.md`, with audio file names giving frame counts.
 LAYOUTS = {
     "asr": {"messages": [{"role": "user", "content": "Convert the speech to text.\n<|audio|>"},
                          {"role": "assistant", "content": "hello world"}], "audios": ["3.wav"]},
@@ -84,7 +84,7 @@ def write_tiny_dataset(root, count=3):
 
 
 def turn(role, body, supervised):
-    """Expected ids/targets of one ChatML turn, written out from the spec."""
+    """Expected ids/targets of one ChatML turn, written out by hand from the reference's ChatML."""
     head = [LAYOUT.im_start, *ENC(role), *ENC("\n")]
     end = [LAYOUT.im_end, *ENC("\n")]
     ids = head + body + end

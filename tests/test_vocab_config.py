@@ -1,4 +1,5 @@
-"""Token id layout and configs: the released layout's ids from model.md §5, tiny layouts consistent with it."""
+"""Token id layout and configs: the released layout's ids (as Omni-Diffusion `tokenizer.py` and
+`tools/finetune_dream_v4_51_3.py` add them), tiny layouts consistent with it."""
 
 import numpy as np
 import pytest

@@ -1,7 +1,7 @@
 """GLM-4-Voice flow-matching decoder (CosyVoice `MaskedDiffWithXvec`): speech codes -> 80-bin mel at 22050/256 Hz.
 
-Follows shared/spec/tokenizers.md §3.2–3.6, the offline path Omni-Diffusion uses (empty prompt, zero speaker
-vector):
+Follows GLM-4-Voice `flow_inference.py` and `cosyvoice/flow/`, the offline path Omni-Diffusion uses (empty prompt, zero
+speaker vector):
 
     x   = input_embedding[codes]                                  [B, N, 512]
     h   = encoder_proj(encoder(x))                                [B, N, 80]   block rel-pos Transformer

@@ -1,6 +1,6 @@
 """HiFT vocoder (CosyVoice `HiFTGenerator`: neural source filter + iSTFTNet): mel at 22050/256 Hz -> waveform.
 
-Follows shared/spec/tokenizers.md §3.7:
+Follows GLM-4-Voice `cosyvoice/hifigan/generator.py`:
 
     f0  = |classifier(ELU(conv3)^5 (mel))|                          Hz per frame
     s   = tanh(l_linear(e)), e_h = 0.1 sin(2 pi cumsum(h f0 / sr) + phi_h) uv + noise_h    h = 1..9, per sample

@@ -1,7 +1,7 @@
 """MAGVIT-v2 image tokenizer (showlab/magvitv2, as used by Show-o and Omni-Diffusion), in Flax Linen.
 
-Follows shared/spec/tokenizers.md §1. Despite the name it is a taming-transformers VQGAN conv stack with a
-13-bit lookup-free quantizer (LFQ):
+Follows Omni-Diffusion `models/magvit/modeling_magvitv2.py`. Despite the name it is a taming-transformers VQGAN conv
+stack with a 13-bit lookup-free quantizer (LFQ):
 
     z     = Encoder(x)                    x [B, H, W, 3] in [-1, 1]  ->  z [B, H/16, W/16, 13]
     bit_c = [z_c > 0]                     exactly 0 counts as negative

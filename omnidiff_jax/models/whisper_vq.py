@@ -1,6 +1,6 @@
 """The GLM-4-Voice speech tokenizer network: the first 16 layers of a Whisper-large-v3 encoder plus a VQ codebook.
 
-Follows shared/spec/tokenizers.md §2.4. From a 100 Hz log-mel spectrogram to 12.5 Hz code ids:
+Follows GLM-4-Voice `speech_tokenizer/modeling_whisper.py`. From a 100 Hz log-mel spectrogram to 12.5 Hz code ids:
 
     x = gelu(conv1(mel))          causal conv, kernel 3, stride 1 (left zero-pad 2)        100 Hz
     x = gelu(conv2(x))            causal conv, kernel 3, stride 2 (left zero-pad 2)         50 Hz

@@ -1,4 +1,5 @@
-"""The masked-diffusion training loss (shared/spec/sampling_training.md §4.3) and the forward pass it scores.
+"""The masked-diffusion training loss (Dream `modeling_dream.py`, transformers' `ForCausalLMLoss`) and the forward pass
+it scores.
 
     logits = Dream(inputs with <|mask|>, per-sample positions, packed segments, padded queries invalid)
     ce_i   = cross_entropy(float32 logits[:, i], labels[:, i + 1])        the reference's causal-LM shift

@@ -1,5 +1,5 @@
-"""The reference optimizer (shared/spec/sampling_training.md §4.1): frozen pad row, global-norm clip, AdamW,
-and DeepSpeed's WarmupCosineLR with its off-by-one start.
+"""The reference optimizer (Omni-Diffusion `finetune.sh`, `ds_config_zero2.json`): frozen pad row, global-norm clip,
+AdamW, and DeepSpeed's WarmupCosineLR with its off-by-one start.
 
     grads[embed_tokens][<|endoftext|>] = 0          nn.Embedding(padding_idx) never updates that row
     grads *= clip / max(clip, ||grads||)            ZeRO-2 clipping at global L2 norm 1.0

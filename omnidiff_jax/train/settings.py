@@ -1,6 +1,6 @@
 """The training sections of a config (init, data, train, optim, prepare) with the reference's values as defaults.
 
-Reference values (shared/spec/sampling_training.md §4.1, `finetune.sh` + `ds_config_zero2.json`): packs of 3072
+Reference values (Omni-Diffusion `finetune.sh` + `ds_config_zero2.json`): packs of 3072
 tokens, 8 devices x 1 pack x 16 accumulation steps per update, 24000 updates, AdamW lr 1e-5, betas 0.9/0.95,
 eps 1e-8, no weight decay, clip 1.0, log warmup over ceil(0.03 x steps) updates then cosine to 0.1 x lr, seed 956.
 """

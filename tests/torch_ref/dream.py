@@ -1,8 +1,8 @@
-"""A PyTorch Dream (shared/spec/model.md §1) with the reference's state_dict names, for parity tests.
+"""A PyTorch Dream (Omni-Diffusion `modeling_dream.py`) with the reference's state_dict names, for parity tests.
 
-Written from the spec, independently of our JAX code: nn.Linear layers, repeat_kv GQA, SDPA with a boolean mask,
-the RMSNorm cast order, bf16-castable RoPE tables, and both forward paths (`forward` with the packed-segment
-mask built per batch row, `forward_dream` with no mask).
+Written from a description of the reference, independently of our JAX code: nn.Linear layers, repeat_kv GQA, SDPA with a
+boolean mask, the RMSNorm cast order, bf16-castable RoPE tables, and both forward paths (`forward` with the
+packed-segment mask built per batch row, `forward_dream` with no mask).
 """
 
 import json

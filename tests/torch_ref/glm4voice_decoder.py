@@ -1,10 +1,10 @@
 """A PyTorch GLM-4-Voice speech decoder (flow matching + HiFT) with the reference's state_dict names, for parity.
 
-Written from shared/spec/tokenizers.md §3, independently of our JAX code: the block relative-position encoder with
-the pad-and-reshape `rel_shift`, `F.interpolate` nearest, the Matcha U-Net with the diffusers attention and its
-additive-mask quirk, the seeded Euler/CFG solver, and HiFT with torch's own STFT/iSTFT and RNG-driven sine source.
-Weight norm uses torch's parametrization; `save_checkpoint` writes either key style (`weight_g`/`weight_v`, as in
-the released `hift.pt`, or `parametrizations.weight.original0/1`).
+Written from GLM-4-Voice `flow_inference.py`, `cosyvoice/flow/` and `cosyvoice/hifigan/`, independently of our JAX code:
+the block relative-position encoder with the pad-and-reshape `rel_shift`, `F.interpolate` nearest, the Matcha U-Net with
+the diffusers attention and its additive-mask quirk, the seeded Euler/CFG solver, and HiFT with torch's own STFT/iSTFT
+and RNG-driven sine source. Weight norm uses torch's parametrization; `save_checkpoint` writes either key style
+(`weight_g`/`weight_v`, as in the released `hift.pt`, or `parametrizations.weight.original0/1`).
 
 Configs are plain dicts in the `config.yaml` schema (`FLOW`/`HIFT` hold the released values); `config_yaml`
 renders them as a hyperpyyaml file like the released one.

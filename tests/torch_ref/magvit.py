@@ -1,8 +1,8 @@
-"""A PyTorch MAGVIT-v2 (shared/spec/tokenizers.md §1) with the reference's state_dict names, for parity tests.
+"""A PyTorch MAGVIT-v2 (Omni-Diffusion `modeling_magvitv2.py`) with the reference's state_dict names, for parity tests.
 
-Written from the spec, independently of our JAX code, in NCHW: GroupNorm(32, eps 1e-6), swish, F.pad (0, 1, 0, 1)
-before the stride-2 downsampling conv, F.interpolate nearest x2, single-head bmm attention, and the LFQ with its
-`embedding` / `power_vals` buffers. Widths and depths come from a plain dict so tests can shrink it.
+Written from a description of the reference, independently of our JAX code, in NCHW: GroupNorm(32, eps 1e-6), swish,
+F.pad (0, 1, 0, 1) before the stride-2 downsampling conv, F.interpolate nearest x2, single-head bmm attention, and the
+LFQ with its `embedding` / `power_vals` buffers. Widths and depths come from a plain dict so tests can shrink it.
 """
 
 import math

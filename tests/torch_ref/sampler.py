@@ -1,6 +1,6 @@
-"""The reference masked-diffusion sampling loop (`_sample`, shared/spec/sampling_training.md §1) in PyTorch.
+"""The reference masked-diffusion sampling loop (`_sample`, Omni-Diffusion `generation_utils.py`) in PyTorch.
 
-A transcription of the spec, written for our parity tests and benchmarks and driven by the torch Dream of
+A transcription of the reference loop, written for our parity tests and benchmarks and driven by the torch Dream of
 `torch_ref/dream.py`. It keeps the reference's control flow and quirks on purpose: host syncs every step,
 boolean gathers of the masked rows, a Python loop over generated ids for the repeat penalty, a Python-list
 position-penalty map, `torch.topk` with a data-dependent k, the canvas [0]*P ++ [MASK]*N with the prompt
@@ -28,7 +28,7 @@ def top_k_filter(logits, top_k):
 
 def sample_tokens(logits, temperature, top_p, top_k, margin=False, neg_entropy=False, repeat_penalty=1.0,
                   max_position_penalty=1.0, past_x=None, mask_id=None, generator=None):
-    """§1.5: (confidence [n], x0 [n]) for masked rows [n, V]."""
+    """`sample_tokens`: (confidence [n], x0 [n]) for masked rows [n, V]."""
     if temperature > 0:
         logits = logits / temperature
     if top_p is not None and top_p < 1:

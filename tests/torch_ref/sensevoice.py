@@ -1,6 +1,7 @@
-"""A PyTorch speech-input path (shared/spec/model.md §2-§4) with the reference's state_dict names, for parity tests.
+"""A PyTorch speech-input path (Omni-Diffusion `modeling_sensevoice.py`, `resampler_projector.py`) with the
+reference's state_dict names, for parity tests.
 
-Written from the spec, independently of our JAX/NumPy code:
+Written from a description of the reference, independently of our JAX/NumPy code:
 - `kaldi_fbank`: Kaldi's fbank as torchaudio's `compliance.kaldi.fbank` computes it, for the options WavFrontend
   uses (float32 torch ops); `apply_lfr`, `load_cmvn` and `apply_cmvn` follow FunASR's loops line by line.
 - `SenseVoiceSmall` (embed, encoder.{encoders0, encoders, after_norm, tp_encoders, tp_norm}, ctc.ctc_lo) with the

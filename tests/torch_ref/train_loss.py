@@ -1,5 +1,5 @@
-"""The reference's training data path and loss in plain Python/PyTorch, written from the spec
-(shared/spec/sampling_training.md §4.1-§4.3, §5.4, errata.md "Training corruption") for parity tests.
+"""The reference's training data path and loss in plain Python/PyTorch, written from
+Omni-Diffusion `dataset_qwen2.py`, `finetune.sh` and transformers' `ForCausalLMLoss`, for parity tests.
 
 - `corrupt`: tail padding and the per-token mask draw, drawing exactly as the reference does: Python
   `random.randint(1, max_n)` (only when a tail is appended), torch `rand(1)` (a discarded per-sample p_mask),

@@ -1,9 +1,9 @@
-"""A PyTorch GLM-4-Voice tokenizer (WhisperVQEncoder, shared/spec/tokenizers.md §2) with the reference's names.
+"""A PyTorch GLM-4-Voice tokenizer (WhisperVQEncoder, `modeling_whisper.py`) with the reference's names.
 
-Written from the spec, independently of our JAX code: Conv1d layers fed a left zero-padded input, nn.Embedding
-positions and codebook, eager attention with the additive block-causal mask built per batch row, AvgPool1d,
-and the addmm distance of the reference's `vector_quantize`. The front end is transformers'
-`WhisperFeatureExtractor` itself, called as the reference's `extract_speech_token` calls it.
+Written from a description of the reference, independently of our JAX code: Conv1d layers fed a left zero-padded input,
+nn.Embedding positions and codebook, eager attention with the additive block-causal mask built per batch row, AvgPool1d,
+and the addmm distance of the reference's `vector_quantize`. The front end is transformers' `WhisperFeatureExtractor`
+itself, called as the reference's `extract_speech_token` calls it.
 """
 
 import json
@@ -17,7 +17,7 @@ from torch import nn
 
 
 def tiny_config(**changes):
-    """A reference-format config.json dict: the released settings (§2.1) at test size."""
+    """A reference-format config.json dict: the released settings (glm-4-voice-tokenizer `config.json`) at test size."""
     c = {
         "architectures": ["WhisperVQEncoder"], "model_type": "whisper", "d_model": 64, "encoder_attention_heads": 4,
         "encoder_ffn_dim": 128, "encoder_layers": 4, "num_mel_bins": 128, "max_source_positions": 1500,
