@@ -68,11 +68,6 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     return Mesh(grid, MESH_AXES)
 
 
-def initialize_distributed(**kwargs) -> None:
-    """Multi-host start-up: `jax.distributed.initialize` (arguments from the environment on TPU/SLURM)."""
-    jax.distributed.initialize(**kwargs)
-
-
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
                     rules=LOGICAL_RULES) -> PartitionSpec:
     """Logical axis names -> PartitionSpec, dropping mesh axes that are size 1, reused, or do not divide."""
@@ -118,12 +113,17 @@ def activate(mesh: Mesh | None, rules=LOGICAL_RULES):
         _ACTIVE.reset(token)
 
 
+def active() -> tuple[Mesh, tuple] | None:
+    """The (mesh, rules) that `activate` set for the code being traced, or None."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Sharding constraint from logical names; a no-op with no active mesh."""
-    active = _ACTIVE.get()
-    if active is None:
+    current = _ACTIVE.get()
+    if current is None:
         return x
-    mesh, rules = active
+    mesh, rules = current
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))
 
 

@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from omnidiff_jax import distributed
 from omnidiff_jax.config import load_config, token_layout
 
 PREFIX = "--config."
@@ -21,13 +22,13 @@ def register(group) -> None:
     train = group("").add_parser("train", help="train the Dream LLM (masked diffusion) per a training config",
                                  epilog=OVERRIDES)
     train.add_argument("--config", required=True, help="a training config file, e.g. configs/stage1.py")
-    train.add_argument("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize()")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--export", metavar="DST", help="instead of training, write the run's checkpoint (in "
                        "train.workdir) as a reference Hugging Face folder at DST")
     train.add_argument("--step", type=int, help="with --export: this checkpoint step (default: the latest)")
     train.add_argument("--tokenizer", help="with --export: a folder whose tokenizer files to copy alongside")
     train.add_argument("--force", action="store_true", help="with --export: overwrite DST")
+    distributed.add_arguments(train)
     train.set_defaults(func=run_train)
     _accept_overrides(train)
 
@@ -72,10 +73,7 @@ def run_train(args) -> int:
 
         print(export_run(cfg.train.workdir, args.export, args.step, args.force, args.tokenizer))
         return 0
-    if args.distributed:
-        from omnidiff_jax.sharding import initialize_distributed
-
-        initialize_distributed()
+    distributed.initialize_from_args(args)
     from omnidiff_jax.train.trainer import Trainer
 
     state = Trainer(cfg).run(progress=not args.no_progress)
