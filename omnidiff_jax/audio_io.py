@@ -1,6 +1,7 @@
 """Reading and writing audio: soundfile decode, downmix to mono, the reference's resampler, validation.
 
-The reference reads with torchaudio (float in [-1, 1]), downmixes with `mean(0)` and resamples with torchaudio's
+The reference reads with torchaudio (float in [-1, 1]), downmixes with `mean(0)` for the speech encoder's input
+(takes channel 0 for the GLM-4-Voice tokenizer) and resamples with torchaudio's
 windowed-sinc `Resample` (sinc_interp_hann, width 6, rolloff 0.99); `resample` is that filter in NumPy (within
 1e-6 of torchaudio's on the 24 kHz assets). A generic band-limited resampler such as soxr VHQ is within ~51 dB
 SNR of it, but its different band edge shifts the top mel bins (above ~7 kHz) by up to ~0.6 nats on average
@@ -53,10 +54,15 @@ def resample(wave: np.ndarray, sr: int, target_sr: int) -> np.ndarray:
     return out[:math.ceil(new * wave.size / orig)].astype(np.float32)
 
 
-def load_audio(path: str | os.PathLike, target_sr: int | None = 16000) -> tuple[np.ndarray, int]:
-    """Reads `path` as float32 mono in [-1, 1], resampled to `target_sr` (None keeps the file's rate).
+def load_audio(path: str | os.PathLike, target_sr: int | None = 16000,
+               channel: int | None = None) -> tuple[np.ndarray, int]:
+    """Reads `path` as float32 mono, resampled to `target_sr` (None keeps the file's rate).
 
-    Returns (wave [N], sample_rate). Raises AudioError for unreadable, empty, multi-dimensional or non-finite audio.
+    Integer samples are scaled to [-1, 1) by 2^(bits-1) (unsigned 8-bit centred first), float samples kept, as
+    torchaudio reads them. Several channels are averaged (`channel` None: the reference's speech input,
+    `audio.mean(0)`) or one is taken (`channel` 0: the reference's GLM-4-Voice tokenizer, `audio[0]`).
+    Returns (wave [N], sample_rate). Raises AudioError for unreadable, empty or non-finite audio, or a missing
+    channel.
     """
     path = Path(path)
     try:
@@ -65,7 +71,12 @@ def load_audio(path: str | os.PathLike, target_sr: int | None = 16000) -> tuple[
         raise AudioError(f"{path}: cannot be read as audio ({e})") from None
     if wave.shape[0] == 0:
         raise AudioError(f"{path}: contains no samples")
-    wave = wave.mean(axis=1)  # downmix, as the reference's audio.mean(0)
+    if channel is None:
+        wave = wave.mean(axis=1)
+    elif channel < wave.shape[1]:
+        wave = wave[:, channel]
+    else:
+        raise AudioError(f"{path}: has {wave.shape[1]} channel(s), no channel {channel}")
     check_wave(wave, str(path))
     if target_sr is not None:
         wave, sr = resample(wave, sr, target_sr), target_sr

@@ -1,9 +1,10 @@
 """Images <-> MAGVIT-v2 codes: the reference preprocessing (PIL), batched jitted encode/decode, PNG output.
 
 Preprocessing is the reference's torchvision `image_transform` (Omni-Diffusion `image_processor.py`), done with PIL
-on the host because token parity depends on PIL's antialiased uint8 bicubic: convert to RGB, resize the shorter
-side to `size` (the longer to int(size * long / short)), center crop with Python's banker's rounding of the
-offsets, scale to [-1, 1]. Omni-Diffusion tokenizes user images at 512 (1024 codes) and generated images at
+on the host because token parity depends on PIL's antialiased uint8 bicubic: convert to RGB (`to_rgb`, which
+scales deep grayscale and composites transparency on white where the reference clips or drops it), resize the
+shorter side to `size` (the longer to int(size * long / short)), center crop with Python's banker's rounding of
+the offsets, scale to [-1, 1]. Omni-Diffusion tokenizes user images at 512 (1024 codes) and generated images at
 256 (256 codes). Postprocessing is the reference's clamp((x + 1) / 2, 0, 1) * 255 truncated to uint8, kept in
 RGB (the reference's BGR is only for cv2.imwrite).
 
@@ -46,16 +47,48 @@ class ImageError(ValueError):
 # ------------------------------------------------------------------------------------------------ host side
 
 def read_image(path: str | os.PathLike) -> Image.Image:
-    """Opens and fully decodes an image file as RGB (grayscale, palette, RGBA, CMYK... are converted)."""
+    """Opens and fully decodes an image file as RGB (`to_rgb`: every PIL mode, scaled or composited on white)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image file")
     try:
         with Image.open(path) as image:
             image.load()  # decode now, so truncated files fail here
-            return image.convert("RGB")
+            return to_rgb(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"{path}: cannot be read as an image ({type(e).__name__}: {e})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB.
+
+    Grayscale deeper than 8 bits is scaled to 0..255, not clipped as PIL's `convert("RGB")` does: 16-bit modes
+    (I;16, I;16B, ...) and 32-bit integers (I) within 0..65535 by 255 / 65535, other 32-bit integers and floats
+    (F) from their minimum..maximum, except floats within 0..1, by 255. Transparency (RGBA, LA, PA, a palette or
+    colour key with transparency) is composited on white. CMYK, palettes, 1-bit and the rest convert as PIL does.
+    The reference's plain `convert("RGB")` gives the same pixels for RGB, L, 1, P and CMYK images.
+    """
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        return Image.fromarray(_gray_to_uint8(np.asarray(image)), "L").convert("RGB")
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"), np.int64)  # [H, W, 4]
+        rgb, alpha = rgba[..., :3], rgba[..., 3:]
+        white = (rgb * alpha + 255 * (255 - alpha) + 127) // 255  # round to nearest (no ties exist)
+        return Image.fromarray(white.astype(np.uint8), "RGB")
+    return image.convert("RGB")
+
+
+def _gray_to_uint8(gray: np.ndarray) -> np.ndarray:
+    """16/32-bit integer or float grayscale [H, W] -> uint8 [H, W] (see `to_rgb` for the scaling)."""
+    values = np.nan_to_num(gray.astype(np.float64))
+    lo, hi = (values.min(), values.max()) if values.size else (0.0, 0.0)
+    if np.issubdtype(gray.dtype, np.integer) and lo >= 0 and hi <= 65535:
+        scaled = values * (255 / 65535)
+    elif np.issubdtype(gray.dtype, np.floating) and lo >= 0 and hi <= 1:
+        scaled = values * 255
+    else:
+        scaled = (values - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(values)
+    return np.rint(scaled).astype(np.uint8)
 
 
 def preprocess(image: Image.Image, size: int) -> np.ndarray:

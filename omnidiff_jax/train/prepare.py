@@ -80,7 +80,7 @@ def tokenizers_from_config(cfg: ml_collections.ConfigDict, layout: TokenLayout) 
         speech = SpeechTokenizer.load(cfg.speech_tokenizer, mesh, batch_size=cfg.batch_size)
 
         def speech_codes(paths):
-            codes, lengths = speech.tokenize([load_audio(p)[0] for p in paths])
+            codes, lengths = speech.tokenize([load_audio(p, channel=0)[0] for p in paths])  # as the reference
             return [c[:n] for c, n in zip(codes, lengths)]
 
     cmvn = fbank.read_am_mvn(cfg.cmvn) if cfg.cmvn else fbank.SENSEVOICE_CMVN
@@ -255,10 +255,13 @@ def _write_shard(path: Path, samples: list[bytes], stats: dict) -> None:
     """Writes the shard, then its statistics with its size: a shard counts as prepared only once both exist."""
     path.with_suffix(".json").unlink(missing_ok=True)
     with atomic_write(path, overwrite=True) as tmp:
-        writer = ArrayRecordWriter(str(tmp), "group_size:1")
-        for s in samples:
-            writer.write(s)
-        writer.close()
+        try:
+            writer = ArrayRecordWriter(str(tmp), "group_size:1")
+            for s in samples:
+                writer.write(s)
+            writer.close()
+        except RuntimeError as e:  # ArrayRecord's C++ I/O errors (a full disk...) arrive as RuntimeError
+            raise OSError(f"cannot write {path}: {e}") from None
     write_text(path.with_suffix(".json"), json.dumps({**stats, "bytes": path.stat().st_size}, indent=1))
 
 
