@@ -186,9 +186,9 @@ class SpeechTokenizer:
     def tokenize_file(self, path: str | os.PathLike) -> np.ndarray:
         """Codes [n] int32 of one audio file (any rate soundfile reads, resampled to 16 kHz).
 
-        Channels are averaged by `load_audio`; the reference takes channel 0 (the same for mono files).
+        Of several channels only the first is read, as the reference (`audio[0]`).
         """
-        wave, _ = load_audio(Path(path), SAMPLE_RATE)
+        wave, _ = load_audio(Path(path), SAMPLE_RATE, channel=0)
         codes, lengths = self.tokenize([wave])
         return codes[0, :lengths[0]]
 

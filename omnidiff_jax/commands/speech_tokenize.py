@@ -34,7 +34,7 @@ def run(args) -> int:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
         if not out.parent.is_dir():
             raise FileNotFoundError(f"{out}: folder {out.parent} does not exist")
-    wave, _ = load_audio(args.input, SAMPLE_RATE)  # a bad file fails before the checkpoint is read
+    wave, _ = load_audio(args.input, SAMPLE_RATE, channel=0)  # a bad file fails before the checkpoint is read
     codes, lengths = SpeechTokenizer.load(args.tokenizer).tokenize([wave])
     codes = codes[0, :lengths[0]]
     text = " ".join(map(str, codes.tolist())) + "\n"
