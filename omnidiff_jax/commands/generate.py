@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from omnidiff_jax import distributed
 from omnidiff_jax.files import write_text
 from omnidiff_jax.sampler import ALGS, Prompt, sample
 
@@ -128,12 +129,14 @@ def register(group) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--output", help="text mode: write the JSON lines to this file instead of stdout")
     p.add_argument("--force", action="store_true", help="overwrite --output / write into a non-empty --out")
+    distributed.add_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import omnidiff_jax
 
+    distributed.initialize_from_args(args)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.output and Path(args.output).exists() and not args.force:

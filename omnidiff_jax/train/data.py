@@ -484,6 +484,62 @@ def next_packs(it: Iterator[dict], count: int) -> dict[str, np.ndarray]:
     return {k: np.stack([p[k] for p in packs]) for k in packs[0]}
 
 
+class Streams:
+    """This process's share of a run's `count` pack streams. Stream s packs the mixture's elements s, s + count,
+    ... (`pack_iterator(..., s, count)`); process p of P runs streams p * count / P onwards, and each micro-batch
+    holds every stream's packs in stream order. The global batches, hence the losses, do not depend on the process
+    count, and a data position ({stream: position}, from every process's file) restores on any process count that
+    divides `count`."""
+
+    def __init__(self, make: Callable[[int], PackIterator], count: int, process_index: int = 0,
+                 process_count: int = 1):
+        if count % process_count:
+            raise ValueError(f"data.streams {count} must be a multiple of the process count {process_count}")
+        per = count // process_count
+        self.count = count
+        self.streams = {s: make(s) for s in range(process_index * per, (process_index + 1) * per)}
+
+    def next_packs(self, micro_batches: int, rows: int) -> dict[str, np.ndarray]:
+        """The packs of this process's `rows` rows of the next `micro_batches` micro-batches, stacked
+        [micro_batches * rows, ...] micro-batch-major; each stream fills rows / (its process's streams) rows."""
+        per = rows // len(self.streams)
+        parts = [next_packs(it, micro_batches * per) for it in self.streams.values()]
+        return {k: np.concatenate([p[k].reshape(micro_batches, per, *p[k].shape[1:]) for p in parts], axis=1)
+                .reshape(micro_batches * rows, *parts[0][k].shape[1:]) for k in parts[0]}
+
+    def dropped(self) -> dict[str, int]:
+        """Samples skipped so far by this process's streams, per reason."""
+        out: dict[str, int] = {}
+        for it in self.streams.values():
+            for reason, n in it.dropped.items():
+                out[reason] = out.get(reason, 0) + n
+        return out
+
+    def get_state(self) -> dict:
+        return {"streams": {str(s): it.get_state() for s, it in self.streams.items()}}
+
+    def set_state(self, state: dict) -> None:
+        """Moves this process's streams to their positions in `state` (which may hold other processes' too)."""
+        saved = state["streams"]
+        if len(saved) != self.count or any(str(s) not in saved for s in self.streams):
+            raise DataError(f"the checkpoint's data position covers streams {sorted(map(int, saved))}, this run "
+                            f"needs {sorted(self.streams)} of data.streams={self.count}: resume with the "
+                            "data.streams the run was started with")
+        for s, it in self.streams.items():
+            it.set_state(saved[str(s)])
+
+
+def read_positions(folder: str | os.PathLike) -> dict:
+    """Every process's saved `Streams` state in a checkpoint's data folder (`process_<i>-of-<n>.json`, grain's
+    checkpoint files), merged into one {"streams": {stream: position}}."""
+    streams = {}
+    for path in sorted(Path(folder).glob("process_*-of-*.json")):
+        streams.update(json.loads(path.read_text())["streams"])
+    if not streams:
+        raise DataError(f"{folder}: no data position (process_*-of-*.json)")
+    return {"streams": streams}
+
+
 def read_jsonl(path: str | os.PathLike, prefix: str = "", strict: bool = False,
                on_error: Callable[[DataError], None] | None = None) -> Iterator[tuple[int, Record]]:
     """(line number, Record) for each non-blank line; a bad line raises (strict, or with no `on_error`) or is

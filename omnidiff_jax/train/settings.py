@@ -28,6 +28,7 @@ def add_training(cfg: ml_collections.ConfigDict, *, sources: dict, workdir: str,
         max_audios=0,  # user-speech clips per pack (0: no speech input); static shape of the feature buffer
         max_audio_frames=0,  # longest clip in LFR frames; longer samples are dropped and counted
         seed=956, tail_max=16, mask_eps=1e-3, special_ratio=0.6,
+        streams=0,  # independent pack streams (0: one per process); fixed, batches are the same on any process count
         noise="per_token"))  # or "per_sample": one masking level per sample (data.Corruption)
     cfg.train = ml_collections.ConfigDict(dict(
         workdir=workdir, steps=steps, micro_batch=micro_batch, grad_accum=grad_accum,
