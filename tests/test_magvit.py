@@ -138,7 +138,7 @@ def test_modes_are_converted_and_small_images_upscaled(tmp_path):
     rgba = Image.fromarray(np.full((30, 40, 4), (10, 20, 30, 0), np.uint8), "RGBA")
     palette = Image.new("P", (40, 30))
     palette.putpalette([90, 80, 70] * 256)
-    for name, image, rgb in (("g.png", gray, (200, 200, 200)), ("a.png", rgba, (10, 20, 30)),
+    for name, image, rgb in (("g.png", gray, (200, 200, 200)), ("a.png", rgba, (255, 255, 255)),  # alpha 0: white
                              ("p.png", palette, (90, 80, 70))):
         image.save(tmp_path / name)
         assert read_image(tmp_path / name).mode == "RGB"
