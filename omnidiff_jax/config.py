@@ -21,11 +21,16 @@ def get_config(name_or_path: str) -> ml_collections.ConfigDict:
     if name_or_path in BUILTIN:
         return importlib.import_module(f"omnidiff_jax.configs.{name_or_path}").get_config()
     path = Path(name_or_path)
-    if path.suffix == ".py" and path.exists():
+    if path.suffix == ".py":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such config file")
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.get_config()
+        try:
+            spec.loader.exec_module(module)
+            return module.get_config()
+        except Exception as e:  # noqa: BLE001 -- any error of the user's config file, named
+            raise ValueError(f"{path}: cannot load the config ({type(e).__name__}: {e})") from e
     raise ValueError(f"unknown config {name_or_path!r}: expected one of {BUILTIN} or the path of a config .py file")
 
 
