@@ -2,6 +2,7 @@
 our PyTorch transcription), mask rates, packing, mixture semantics, determinism, iterator resume, bad input."""
 
 import json
+import os
 import random
 
 import numpy as np
@@ -407,3 +408,50 @@ def test_bad_records_name_the_problem(line, message):
     with pytest.raises(data.DataError, match=message) as e:
         data.parse_record(line, "f.jsonl:9")
     assert "f.jsonl:9" in str(e.value)
+
+
+def test_prepare_redoes_shards_whose_inputs_changed(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.png").write_bytes(b"a")
+    jsonl = tmp_path / "t.jsonl"
+    lines = [json.dumps(LAYOUTS["t2i"] | {"images": ["a.png"]}), json.dumps(LAYOUTS["t2i"] | {"images": ["b.png"]}),
+             json.dumps(LAYOUTS["vqa"] | {"images": ["a.png"]})]
+    jsonl.write_text("\n".join(lines) + "\n")
+    calls = []
+    counting = prepare.Tokenizers(TEXT, lambda p, s: calls.append(sorted(p)) or fake_image(p, s))
+    run = lambda: prepare.prepare_source([jsonl], tmp_path / "out", LAYOUT, counting, prefix=str(raw),  # noqa: E731
+                                         shard_size=1, image_sizes=SIZES, progress=False)
+    assert run()["skipped"]["missing_file"] == 1 and len(calls) == 2
+    calls.clear()
+    assert run()["samples"] == 2 and calls == []  # nothing changed: nothing redone
+    (raw / "b.png").write_bytes(b"b")  # the missing image appears
+    totals = run()
+    assert totals["samples"] == 3 and totals["skipped"]["missing_file"] == 0 and calls == [[str(raw / "b.png")]]
+    calls.clear()
+    os.utime(raw / "a.png", ns=(1, 1))  # a media file changes: both records naming it are redone
+    assert run()["samples"] == 3 and sorted(calls) == [[str(raw / "a.png")], [str(raw / "a.png")]]
+    calls.clear()
+    jsonl.write_bytes(jsonl.read_bytes() + b'{"messages": "\xff"}\n')  # a record appended, not UTF-8
+    totals = run()
+    assert totals["records"] == 4 and totals["skipped"]["bad_record"] == 1 and calls == []
+    assert "t.jsonl:4: not UTF-8 text" in json.loads((tmp_path / "out" / "shard-00003.json").read_text())["errors"][0]
+    jsonl.write_text(lines[0] + "\n")  # records removed: their shards go
+    assert run()["records"] == 1 and len(list((tmp_path / "out").glob("shard-*.array_record"))) == 1
+    assert len(data.open_source(tmp_path / "out")) == 1
+
+
+def test_empty_source_and_damaged_shards_are_errors(tmp_path):
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text("{not json\n")
+    with pytest.raises(data.DataError, match=r"0 samples from 1 record.*bad_record.*t\.jsonl:1"):
+        prepare.prepare_source([jsonl], tmp_path / "out", LAYOUT, TOKENIZERS, progress=False)
+    with pytest.raises(data.DataError, match="holds 0 samples"):
+        data.open_source(tmp_path / "out")
+    folder = make_sources(tmp_path, [3])[0]
+    with pytest.raises(data.DataError, match="source a yields 0 samples"):
+        data.mixture([data.Source("a", data.open_source(folder), ratio=0.1)], seed=0)
+    shard = folder / "shard-00000.array_record"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(data.DataError, match=f"{shard}: not a readable shard"):
+        data.open_source(folder)

@@ -77,7 +77,13 @@ class Media:
 
 
 def parse_record(line: str, where: str, prefix: str = "") -> Record:
-    """One jsonl line -> Record, with media paths joined to `prefix`. Raises DataError naming `where`."""
+    """One jsonl line -> Record, with media paths joined to `prefix`. Raises DataError naming `where`.
+
+    Files are read with errors="surrogateescape", so a line that is not UTF-8 arrives here and is refused."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: not UTF-8 text (undecodable byte at character {e.start})") from None
     obj = parse_object(line, where, DataError)
     messages = obj.get("conversations") or obj.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -544,7 +550,7 @@ def read_jsonl(path: str | os.PathLike, prefix: str = "", strict: bool = False,
                on_error: Callable[[DataError], None] | None = None) -> Iterator[tuple[int, Record]]:
     """(line number, Record) for each non-blank line; a bad line raises (strict, or with no `on_error`) or is
     passed to `on_error`."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -140,7 +140,7 @@ def _fingerprint(chunk: list[tuple[str, str]], prefix: str) -> str:
     """A digest of a shard's inputs: its record lines and the size and mtime of every media file they name."""
     digest = hashlib.sha256()
     for where, line in chunk:
-        digest.update(f"{where}\n{line}\n".encode())
+        digest.update(f"{where}\n{line}\n".encode("utf-8", "surrogateescape"))
         try:
             record = data.parse_record(line, where, prefix)
         except data.DataError:
@@ -166,7 +166,7 @@ def _prepared_stats(shard: Path, inputs: str) -> dict | None:
 
 def _lines(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[str, str]]:
     for path in paths:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:  # parse_record refuses non-UTF-8
             for number, line in enumerate(f, 1):
                 if line.strip():
                     yield f"{path}:{number}", line
