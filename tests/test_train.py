@@ -62,7 +62,8 @@ def test_inverse_t_objective():
     labels = np.where(rng.random((2, 12)) < 0.5, rng.integers(0, 7, (2, 12)), -100).astype(np.int32)
     prob = np.where(rng.random((2, 12)) < 0.8, rng.uniform(0.1, 1.0, (2, 12)), 0).astype(np.float32)
     prob[labels != -100] = np.maximum(prob[labels != -100], 0.05)
-    got, count = loss.pack_losses(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(prob), "inverse_t")
+    got, count = loss.pack_losses(jnp.asarray(logits), jnp.eye(7), jnp.asarray(labels), jnp.asarray(prob),
+                                  "inverse_t")  # an identity head: the hidden states are the logits
     ce = torch.nn.functional.cross_entropy(torch.tensor(logits[:, :-1]).transpose(1, 2),
                                            torch.tensor(labels[:, 1:]).long(), ignore_index=-100,
                                            reduction="none").numpy()

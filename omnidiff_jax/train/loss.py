@@ -11,11 +11,19 @@ A pack's labels are exactly its masked supervised tokens, so this is HF `ForCaus
 weighted by 1 / (its masking probability) and the sum is divided by the pack's supervised-token count, an
 unbiased estimate of the mean CE over all supervised tokens. A pack with no label contributes 0 (the reference
 would produce NaN).
+
+The logits are never materialised: only positions whose next token is labelled are scored, gathered to the
+front of a static slot array (capacity L - 1 rounded up to LOSS_CHUNK, so no label is ever dropped), and the
+head and cross-entropy run LOSS_CHUNK slots at a time under a custom VJP that keeps one log-normaliser per slot
+and recomputes a chunk's logits in the backward pass; chunks past a batch's last label are skipped. At 8192
+tokens this replaces a float32 [8192, 176264] array (5.8 GB, and as much again for its gradient) with
+[512, 176264] (0.36 GB) per pack.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -23,33 +31,129 @@ import jax.numpy as jnp
 
 from omnidiff_jax.attention import segment_ids_from_positions
 from omnidiff_jax.models.dream import Dream
+from omnidiff_jax.sharding import constrain
 from omnidiff_jax.train.data import AUDIO_PREFIX, IGNORE
 
 OBJECTIVES = ("reference", "inverse_t")
+LOSS_CHUNK = 512  # label slots per pack scored at once: float32 logits exist for [B, 512, V] at most
 
 
-def shifted_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-position CE of logits[:, i] against labels[:, i+1] and its validity mask, both [B, L-1] float32."""
-    logits = logits[:, :-1].astype(jnp.float32)
+def supervised_slots(labels: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Where the loss reads the final hidden states: (order [B, C], targets [B, C]).
+
+    order lists the positions i whose next label is set (labels[:, i + 1] != IGNORE, the causal-LM shift) first,
+    in order, then the others; targets[:, j] = labels[:, order[:, j] + 1], IGNORE past a pack's labelled slots.
+    The capacity C is L - 1 rounded up to a multiple of `chunk`: every possible label has a slot, so none is
+    ever dropped whatever a pack holds, and chunks past the last label cost nothing (`head_cross_entropy`)."""
     targets = labels[:, 1:]
-    valid = targets != IGNORE
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.where(valid, logz - picked, 0.0), valid.astype(jnp.float32)
+    b, n = targets.shape
+    order = jnp.argsort(targets == IGNORE, axis=-1, stable=True)  # [B, L - 1]
+    targets = jnp.take_along_axis(targets, order, axis=-1)
+    pad = -(-n // chunk) * chunk - n
+    return jnp.pad(order, ((0, 0), (0, pad))), jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE)
 
 
-def pack_losses(logits: jax.Array, labels: jax.Array, mask_prob: jax.Array | None = None,
-                objective: str = "reference") -> tuple[jax.Array, jax.Array]:
-    """(loss per pack [B], labelled-token count per pack [B]) for logits [B, L, V] and labels [B, L]."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def head_cross_entropy(hidden: jax.Array, table: jax.Array, targets: jax.Array, divisor: jax.Array, chunk: int,
+                       dtype: str) -> jax.Array:
+    """Per pack [B]: sum over slots j with a target of CE(logits[:, j], targets[:, j]) / divisor[:, j], where
+    logits = hidden @ table.T in `dtype`, upcast to float32 (`Dream.logits` followed by the loss's upcast).
+
+    hidden [B, C, H]; table [V, H] (the output head); targets [B, C] with IGNORE slots last; divisor [B, C] > 0.
+    Slots go `chunk` at a time, so float32 logits exist for [B, chunk, V] at most: the forward pass keeps only
+    each slot's log-normaliser and the backward pass recomputes a chunk's logits to form its gradients (head
+    gradient accumulated in float32). A chunk holding no target is skipped (`lax.cond`) in both passes."""
+    return _head_forward(hidden, table, targets, divisor, chunk, dtype)[0]
+
+
+def _chunks(x: jax.Array, chunk: int) -> jax.Array:
+    """[B, C, ...] -> [C / chunk, B, chunk, ...], the scan's leading axis."""
+    return x.reshape(x.shape[0], -1, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _head_table(table: jax.Array, dtype: str) -> jax.Array:
+    """The head in the compute dtype, whole on every device of a vocabulary shard: gathered once per pass
+    instead of once per chunk."""
+    return constrain(table.astype(dtype), ("vocab", None))
+
+
+def _chunk_logits(h: jax.Array, table: jax.Array) -> jax.Array:
+    """h [B, T, H] @ table.T in the compute dtype, upcast: float32 [B, T, V]."""
+    logits = jnp.dot(h.astype(table.dtype), table.T).astype(jnp.float32)
+    return constrain(logits, ("activation_batch", None, "activation_vocab"))
+
+
+def _head_forward(hidden, table, targets, divisor, chunk, dtype):
+    table_c = _head_table(table, dtype)
+    b = hidden.shape[0]
+
+    def score(h, t, d):
+        logits = _chunk_logits(h, table_c)
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.sum(jnp.where(jnp.arange(logits.shape[-1]) == t[..., None], logits, 0.0), axis=-1)
+        return jnp.sum(jnp.where(t != IGNORE, (logz - picked) / d, 0.0), axis=-1), logz
+
+    def skip(h, t, d):
+        return jnp.zeros(b, jnp.float32), jnp.zeros(t.shape, jnp.float32)
+
+    def body(total, xs):
+        part, logz = jax.lax.cond(jnp.any(xs[1] != IGNORE), score, skip, *xs)
+        return total + part, logz
+
+    xs = (_chunks(hidden, chunk), _chunks(targets, chunk), _chunks(divisor, chunk))
+    total, logz = jax.lax.scan(body, jnp.zeros(b, jnp.float32), xs)
+    return total, (hidden, table, targets, divisor, logz)
+
+
+def _head_backward(chunk, dtype, saved, grad):
+    hidden, table, targets, divisor, logz = saved
+    table_c = _head_table(table, dtype)
+
+    def backward(d_table, h, t, d, z):
+        logits = _chunk_logits(h, table_c)
+        onehot = jnp.arange(logits.shape[-1]) == t[..., None]
+        scale = jnp.where(t != IGNORE, grad[:, None] / d, 0.0)  # [B, T]
+        g = ((jnp.exp(logits - z[..., None]) - onehot) * scale[..., None]).astype(table_c.dtype)  # [B, T, V]
+        d_h = jnp.dot(g, table_c)  # [B, T, H]
+        d_table = d_table + jnp.einsum("btv,bth->vh", g, h.astype(table_c.dtype),
+                                       preferred_element_type=jnp.float32)
+        return d_table, d_h
+
+    def skip(d_table, h, t, d, z):
+        return d_table, jnp.zeros(h.shape, table_c.dtype)
+
+    def body(d_table, xs):
+        return jax.lax.cond(jnp.any(xs[1] != IGNORE), backward, skip, d_table, *xs)
+
+    xs = (_chunks(hidden, chunk), _chunks(targets, chunk), _chunks(divisor, chunk), logz)
+    d_table, d_hidden = jax.lax.scan(body, jnp.zeros(table.shape, jnp.float32), xs)
+    d_hidden = d_hidden.swapaxes(0, 1).reshape(hidden.shape)
+    return d_hidden.astype(hidden.dtype), d_table.astype(table.dtype), None, None
+
+
+head_cross_entropy.defvjp(_head_forward, _head_backward)
+
+
+def pack_losses(hidden: jax.Array, table: jax.Array, labels: jax.Array, mask_prob: jax.Array | None = None,
+                objective: str = "reference", dtype: str = "float32",
+                chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
+    """(loss per pack [B], labelled-token count per pack [B]) from the final hidden states [B, L, H], the output
+    head `table` [V, H] (logits = hidden @ table.T in `dtype`) and labels [B, L]; only the labelled positions
+    are scored, `chunk` of them at a time (`head_cross_entropy`)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"loss objective must be one of {OBJECTIVES}, got {objective!r}")
-    ce, valid = shifted_cross_entropy(logits, labels)
-    count = valid.sum(-1)
+    order, targets = supervised_slots(labels, chunk)
+    valid = targets != IGNORE
+    count = valid.sum(-1).astype(jnp.float32)
     if objective == "reference":
-        return ce.sum(-1) / jnp.maximum(count, 1.0), count
-    prob = mask_prob[:, 1:]
-    weighted = jnp.where(valid > 0, ce / jnp.where(valid > 0, prob, 1.0), 0.0).sum(-1)
-    return weighted / jnp.maximum((prob > 0).sum(-1), 1), count
+        divisor, denominator = jnp.ones(targets.shape, jnp.float32), count
+    else:
+        prob = jnp.take_along_axis(mask_prob, order + 1, axis=-1)
+        divisor = jnp.where(valid, prob, 1.0)
+        denominator = (mask_prob[:, 1:] > 0).sum(-1)
+    slots = jnp.take_along_axis(hidden, order[..., None], axis=1)  # [B, C, H]
+    total = head_cross_entropy(slots, table, targets, divisor, chunk, dtype)
+    return total / jnp.maximum(denominator, 1.0), count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,13 +194,15 @@ def embed_inputs(module: Dream, params: dict, batch: dict, speech: SpeechEncoder
     return jnp.where((index >= 0)[..., None], picked.astype(x.dtype), x)
 
 
-def model_logits(module: Dream, params: dict, batch: dict, speech: SpeechEncoder | None = None,
+def model_hidden(module: Dream, params: dict, batch: dict, speech: SpeechEncoder | None = None,
                  frozen: dict | None = None, rng: jax.Array | None = None) -> jax.Array:
-    """Logits [B, L, V] of a packed batch: segments from the position resets, padded query rows invalid."""
+    """Final hidden states [B, L, H] of a packed batch: segments from the position resets, padded query rows
+    invalid."""
     x = embed_inputs(module, params, batch, speech, frozen, rng)
     positions = batch["positions"]
     return module.apply({"params": params["dream"]}, inputs_embeds=x, positions=positions,
-                        segment_ids=segment_ids_from_positions(positions), query_valid=batch["valid"])
+                        segment_ids=segment_ids_from_positions(positions), query_valid=batch["valid"],
+                        return_hidden=True)
 
 
 def batch_loss(module: Dream, params: dict, batch: dict, objective: str = "reference",
@@ -105,6 +211,7 @@ def batch_loss(module: Dream, params: dict, batch: dict, objective: str = "refer
     """Mean pack loss of a micro-batch, and per-pack (loss, labelled-token count) for logging.
 
     `params` holds the trainable trees: "dream" and the speech projector's, if any."""
-    logits = model_logits(module, params, batch, speech, frozen, rng)
-    losses, counts = pack_losses(logits, batch["labels"], batch.get("mask_prob"), objective)
+    hidden = model_hidden(module, params, batch, speech, frozen, rng)
+    losses, counts = pack_losses(hidden, params["dream"]["lm_head"]["embedding"], batch["labels"],
+                                 batch.get("mask_prob"), objective, module.config.dtype)
     return losses.mean(), {"pack_loss": losses, "pack_tokens": counts}
