@@ -52,10 +52,33 @@ def dream_keymap(cfg: DreamConfig) -> KeyMap:
     ))
 
 
+# config.json fields we read, by the type they must have (sizes positive, token ids >= 0)
+_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+          "intermediate_size", "max_position_embeddings")
+_TOKEN_IDS = ("mask_token_id", "pad_token_id")
+_REALS = ("rope_theta", "rms_norm_eps")
+
+
+def check_field_types(raw: dict, path: Path) -> None:
+    """Raises CheckpointError naming the file, key and value of the first config.json field of the wrong type."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(raw).__name__}, not an object of config fields")
+    for key in (*_SIZES, *_TOKEN_IDS, *_REALS):
+        if key not in raw:
+            continue
+        value, real = raw[key], key in _REALS
+        integer = isinstance(value, int) and not isinstance(value, bool)
+        if real and not (integer or isinstance(value, float)) or not real and not integer:
+            raise CheckpointError(f"{path}: {key} must be {'a number' if real else 'an integer'}, got {value!r}")
+        if key in _SIZES and value < 1 or key in _TOKEN_IDS and value < 0:
+            raise CheckpointError(f"{path}: {key} must be {'positive' if key in _SIZES else '>= 0'}, got {value!r}")
+
+
 def read_hf_config(folder: str | Path) -> tuple[DreamConfig, TokenLayout, dict]:
     """Parses a reference `config.json` into (DreamConfig, TokenLayout, raw dict). Raises naming what is wrong."""
     path = Path(folder) / "config.json"
     raw = read_json(path, "not a Dream checkpoint (no config.json)")
+    check_field_types(raw, path)
     if raw.get("model_type") != "Dream":
         raise CheckpointError(f"{path}: model_type is {raw.get('model_type')!r}, expected 'Dream'")
     needed = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")

@@ -1,61 +1,41 @@
-"""Omni-Diffusion checkpoints both ways: the reference Hugging Face folder <-> our orbax checkpoint folder.
-
-`import_checkpoint(src, dst)` streams a reference checkpoint (sharded or single safetensors, or a `.pt`/`.bin`
-loaded with `weights_only=True`) into an orbax folder (see `convert.orbax_io`): each parameter leaf is built
-from its source tensors and handed to a background writer, which drops it once written, so memory stays within
-the writer's queue (`orbax_io.PENDING_BYTES`) plus the largest leaf however big the model.
-`export_checkpoint(src, dst)` runs the same key maps backwards, from an orbax folder or an `OmniModel` in memory,
-into sharded safetensors (each at most 5 GB) with an index, a reference config.json and the tokenizer files;
-tensors come back bit for bit.
+"""The Omni-Diffusion checkpoint family: its parameter groups, their key maps, and what an imported folder records.
 
 The model's parameters come in groups, each with its own key map and the source keys it claims: the speech
 input (SenseVoice encoder + projector, `model.audio_*`, when the checkpoint has it) and the Dream LLM (the rest).
-Plans for all groups are checked before any data is read, and every problem is reported in one error.
+`has_speech` is the one rule for whether a checkpoint holds the speech input, used by every reader.
+`plan_groups` checks every group's keys and shapes before any data is read and reports all problems in one
+error. Reading and writing whole checkpoints (import, export, load, verify) is `omnidiff_jax.checkpoint`'s.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import functools
-import json
 import os
 import re
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Iterable, Mapping
 
 import flax.linen as nn
 import jax
-import numpy as np
+import jax.numpy as jnp
 
-from omnidiff_jax.convert import orbax_io
-from omnidiff_jax.convert.dream import dream_keymap, hf_config, read_hf_config
-from omnidiff_jax.convert.keymap import IDENTITY, ConversionError, KeyMap, Plan, copy_into, flatten, unflatten
-from omnidiff_jax.convert.sensevoice import speech_keymap
-from omnidiff_jax.convert.sources import CheckpointError, Source, TensorRef, open_source, write_safetensors
-from omnidiff_jax.model import OmniModel, abstract_params, param_shardings
-from omnidiff_jax.models import projector as projector_lib
-from omnidiff_jax.models import sensevoice
-from omnidiff_jax.models.dream import DreamConfig
+from omnidiff_jax.convert.dream import dream_keymap
+from omnidiff_jax.convert.keymap import ConversionError, KeyMap, Plan, flatten, unflatten
+from omnidiff_jax.convert.sensevoice import speech_keymap, speech_target
+from omnidiff_jax.convert.sources import CheckpointError, Source, TensorRef
+from omnidiff_jax.models import abstract_params
+from omnidiff_jax.models.dream import Dream, DreamConfig
 from omnidiff_jax.models.projector import ProjectorConfig
 from omnidiff_jax.models.sensevoice import SenseVoiceConfig
-from omnidiff_jax.speech_in import SpeechInput
 from omnidiff_jax.vocab import TokenLayout
 
 LLM_GROUP = "dream"  # `OmniModel.params`
 SPEECH_GROUP = "speech"  # `OmniModel.speech.params`: {"encoder": ..., "projector": ...}
 SPEECH_KEYS = r"model\.audio_(model|projection)\..*"
-MAX_SHARD_BYTES = 5 * 10**9
 LAYOUT = 2  # of our parameter tree in an imported folder; 2: the output head is `lm_head/embedding` [V, H]
 INDEX_FILE = "model.safetensors.index.json"
 # Files of a Hugging Face folder that travel with the weights: configs, tokenizer, remote code.
 HF_FILE_PATTERNS = ("*.json", "*.py", "*.txt", "*.model", "*.tiktoken", "*.jinja")
-_BATCH_BYTES = 256 << 20  # small leaves are handed to orbax together, up to this size
-
-# progress(total tensors, total bytes) is called once and returns on_tensor(key, nbytes), called per tensor.
-Progress = Callable[[int, int], Callable[[str, int], None]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,143 +51,60 @@ class ParamGroup:
 Speech = tuple[SenseVoiceConfig, ProjectorConfig]
 
 
+def has_speech(keys: Iterable[str]) -> bool:
+    """Whether a reference checkpoint with these tensor keys holds the speech input (any `model.audio_model.*` or
+    `model.audio_projection.*` key; a partial one then fails planning, naming what is missing)."""
+    return any(re.fullmatch(SPEECH_KEYS, k) for k in keys)
+
+
+def dream_target(cfg: DreamConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """Flat {path: ShapeDtypeStruct} of the LLM's parameters (no Flax boxes)."""
+    return flatten(nn.meta.unbox(abstract_params(Dream(cfg), jnp.zeros((1, 8), jnp.int32))))
+
+
 def param_groups(cfg: DreamConfig, speech: Speech | None = None) -> list[ParamGroup]:
     """The model's parameter groups, in claiming order: the speech input (if any), then the LLM."""
     groups = []
     if speech is not None:
-        encoder, projector = speech
-        target = {"encoder": sensevoice.abstract_params(encoder), "projector": projector_lib.abstract_params(projector)}
-        groups.append(ParamGroup(SPEECH_GROUP, speech_keymap(), flatten(target), SPEECH_KEYS))
-    groups.append(ParamGroup(LLM_GROUP, dream_keymap(cfg), flatten(nn.meta.unbox(abstract_params(cfg)))))
+        groups.append(ParamGroup(SPEECH_GROUP, speech_keymap(), speech_target(*speech), SPEECH_KEYS))
+    groups.append(ParamGroup(LLM_GROUP, dream_keymap(cfg), dream_target(cfg)))
     return groups
 
 
 def speech_configs(raw_config: dict, dtype: str) -> Speech:
-    """The speech encoder and projector of a reference config.json, as `load_model` reads them: SenseVoiceSmall,
-    unless an `omnidiff_speech` field gives the encoder's shape (tiny test checkpoints). dtype: the LLM's."""
+    """The speech encoder and projector of a reference config.json: SenseVoiceSmall, unless an `omnidiff_speech`
+    field gives the encoder's shape (tiny test checkpoints). dtype: the LLM's."""
     fields = dict(raw_config.get("omnidiff_speech", {}))
     if "prompt_rows" in fields:
         fields["prompt_rows"] = tuple(fields["prompt_rows"])
-    return _speech_dtype((SenseVoiceConfig(**fields), ProjectorConfig(hidden_size=raw_config["hidden_size"])), dtype)
+    return speech_dtype((SenseVoiceConfig(**fields), ProjectorConfig(hidden_size=raw_config["hidden_size"])), dtype)
 
 
-def _speech_dtype(speech: Speech, dtype: str) -> Speech:
-    """The speech input in the LLM's dtype (float16 LLMs keep a bfloat16 encoder, as `load_model` does)."""
+def speech_dtype(speech: Speech, dtype: str) -> Speech:
+    """The speech input in the LLM's dtype (a float16 LLM keeps a bfloat16 encoder)."""
     encoder, projector = speech
     dtype = "float32" if dtype == "float32" else "bfloat16"
     return (encoder.replace(dtype=dtype, param_dtype=dtype),
             projector.replace(input_size=encoder.output_size, dtype=dtype, param_dtype=dtype))
 
 
-@dataclasses.dataclass(frozen=True)
-class Summary:
-    """What a conversion did: tensors read (import) or written (export), their parameters and bytes."""
-
-    tensors: int
-    parameters: int
-    nbytes: int
-    dtypes: tuple[str, ...]
-    seconds: float
-    dropped: dict[str, str] = dataclasses.field(default_factory=dict)  # source key -> reason
-
-    def __str__(self) -> str:
-        rate = self.nbytes / max(self.seconds, 1e-9) / 1e6
-        text = (f"{self.tensors} tensors, {self.parameters:,} parameters, {self.nbytes / 1e9:.3f} GB "
-                f"{'/'.join(self.dtypes)}, {self.seconds:.1f} s ({rate:.0f} MB/s)")
-        if self.dropped:
-            reasons = sorted(set(self.dropped.values()))
-            text += f"; dropped {len(self.dropped)} tensor(s): " + "; ".join(reasons)
-        return text
-
-
-# --------------------------------------------------------------------------------------------------- import
-
-def import_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None,
-                      force: bool = False, progress: Progress | None = None) -> Summary:
-    """Converts the reference checkpoint `src` into the orbax folder `dst` (refused if it exists, unless `force`).
-
-    src: a Hugging Face folder (config.json + safetensors, sharded with an index or not) or one weights file
-    with config.json beside it. dtype: 'float32' or 'bfloat16' to cast (default: keep the source dtype).
-    Every source tensor is mapped or dropped with a logged reason; all key and shape problems are raised
-    together before anything is written.
-    """
-    start = time.perf_counter()
-    src, dst = Path(src), Path(dst)
-    folder = src if src.is_dir() else src.parent
-    _refuse_overlap(folder, dst)
-    cfg, layout, raw = read_hf_config(folder)
-    source = open_source(src)
-    cache = _PageCache(source)
-    speech = speech_configs(raw, cfg.param_dtype) if any(re.fullmatch(SPEECH_KEYS, k) for k in source) else None
-    plans = plan_groups(source, param_groups(cfg, speech))
-    dtypes_by_leaf = {(g.name, p): np.dtype(dtype) if dtype else source[_first_key(plan, p)].dtype
-                      for g, plan in plans for p in plan.entries}
-    dtypes = sorted({dt.name for dt in dtypes_by_leaf.values()})
-    if len(dtypes) == 1 and dtypes[0] in ("float32", "bfloat16", "float16"):
-        cfg = cfg.replace(dtype=dtypes[0], param_dtype=dtypes[0])
-        speech = speech and _speech_dtype(speech, dtypes[0])
-    keys = [k for _, plan in plans for e in plan.entries.values() for ks in e.keys.values() for k in ks]
-    total = sum(source[k].nbytes for k in keys)
-    on_tensor = progress(len(keys), total) if progress else None
-
-    leaves = [(group, path, entry, group.target[path].shape, dtypes_by_leaf[group.name, path])
-              for group, plan in plans for path, entry in plan.entries.items()]
-    # Leaves that are their source tensor unchanged (the embedding, the output head) go first, largest first (the
-    # others keep their order): the writer reads them from the source while the leaves that need work are built.
-    leaves.sort(key=lambda leaf: -_nbytes(*leaf[3:]) if _is_view(source, leaf[2], leaf[4]) else 0)
-    uses = collections.Counter(k for leaf in leaves for keys in leaf[2].keys.values() for k in keys)
-    with orbax_io.writing(dst, force) as ckpt:
-        batch, batch_keys, batch_views, batch_bytes = {}, [], [], 0
-
-        def hand_over():  # progress counts a source tensor once its leaf is on disk
-            nonlocal batch, batch_keys, batch_views, batch_bytes
-            ckpt.add_params(unflatten(batch), functools.partial(
-                _written, on_tensor, [(k, source[k].nbytes) for k in batch_keys], cache, batch_views))
-            batch, batch_keys, batch_views, batch_bytes = {}, [], [], 0  # the writer alone holds the leaves now
-
-        cache.prefetch(leaves[0][2].keys.values())
-        for n, (group, path, entry, shape, leaf_dtype) in enumerate(leaves):
-            ckpt.make_room(batch_bytes + _nbytes(shape, leaf_dtype))
-            if n + 1 < len(leaves):
-                cache.prefetch(leaves[n + 1][2].keys.values())
-            batch[f"{group.name}/{path}"], copied = _build_leaf(source, entry, shape, leaf_dtype)
-            leaf_keys = [k for keys in entry.keys.values() for k in keys]
-            # source tensors no other leaf reads leave the page cache once read: once copied, or when written
-            unshared = [k for k in leaf_keys if uses[k] == 1]
-            if copied:
-                cache.release(unshared)
-            else:
-                batch_views += unshared
-            batch_keys += leaf_keys
-            batch_bytes += _nbytes(shape, leaf_dtype)
-            if batch_bytes >= _BATCH_BYTES:
-                hand_over()
-        if batch:
-            hand_over()
-        for file in hf_files(folder):
-            ckpt.add_file(file)
-        dropped = {k: why for _, plan in plans for k, why in plan.dropped.items()}
-        ckpt.meta.update(layout=LAYOUT, model=dataclasses.asdict(cfg), vocab=dataclasses.asdict(layout),
-                         speech=speech and {"encoder": dataclasses.asdict(speech[0]),
-                                            "projector": dataclasses.asdict(speech[1])},
-                         source=str(src.absolute()), dropped=dropped)
-    parameters = sum(int(np.prod(g.target[p].shape)) for g, plan in plans for p in plan.entries)
-    return Summary(len(keys), parameters, total, tuple(dtypes), time.perf_counter() - start, dropped)
-
-
-def plan_groups(source: Source, groups: list[ParamGroup]) -> list[tuple[ParamGroup, Plan]]:
-    """Hands each source key to the first group claiming it and plans every group; raises one error for all."""
+def split_source(source: Source, groups: list[ParamGroup]) -> list[Source]:
+    """The source's tensors each group claims: every key goes to the first group claiming it (else the last)."""
     owned: list[dict[str, TensorRef]] = [{} for _ in groups]
     claims = [re.compile(g.claims) for g in groups]
     for key, ref in source.items():
         n = next((n for n, c in enumerate(claims) if c.fullmatch(key)), len(groups) - 1)
         owned[n][key] = ref
+    return [Source(refs, f"{source.description} ({g.name})") for g, refs in zip(groups, owned)]
+
+
+def plan_groups(source: Source, groups: list[ParamGroup]) -> list[tuple[ParamGroup, Plan]]:
+    """Plans every group on the tensors it claims (`split_source`); raises one error for all problems."""
     plans, problems = [], []
-    for group, refs in zip(groups, owned):
+    for group, part in zip(groups, split_source(source, groups)):
         try:
             target_shapes = {p: t.shape for p, t in group.target.items()}
-            plan = group.keymap.plan({k: r.shape for k, r in refs.items()}, target_shapes,
-                                     f"{source.description} ({group.name})")
+            plan = group.keymap.plan({k: r.shape for k, r in part.items()}, target_shapes, part.description)
             plans.append((group, plan))
         except ConversionError as e:
             problems.append(str(e))
@@ -216,78 +113,13 @@ def plan_groups(source: Source, groups: list[ParamGroup]) -> list[tuple[ParamGro
     return plans
 
 
-def _first_key(plan: Plan, path: str) -> str:
-    return next(iter(plan.entries[path].keys.values()))[0]
-
-
-def _is_view(source: Source, entry, dtype: np.dtype) -> bool:
-    """True when `_build_leaf` will return the leaf's one source tensor itself, uncopied: an unstacked leaf whose
-    rule changes nothing, in the source's dtype."""
-    (index, keys), = entry.keys.items() if len(entry.keys) == 1 else ((0, ()),)
-    return index is None and entry.rule.transform is IDENTITY and source[keys[0]].dtype == dtype
-
-
-def _build_leaf(source: Source, entry, shape, dtype: np.dtype) -> tuple[np.ndarray, bool]:
-    """One target leaf from its source tensors (one per layer when stacked), through the rule's transform, and
-    whether it was copied out of them.
-
-    A leaf that is its source tensor unchanged or reshaped (an embedding, a norm) is not copied at all.
-    """
-    out = None
-    for i, keys in entry.keys.items():
-        view = np.asarray(entry.rule.transform.forward(*(source[k].read() for k in keys)))
-        if i is None and view.flags.c_contiguous and view.dtype == dtype:
-            return view, False
-        out = np.empty(shape, dtype) if out is None else out
-        copy_into(out if i is None else out[i], view)
-    return out, True
-
-
-def _written(on_tensor: Callable[[str, int], None] | None, tensors: list[tuple[str, int]],
-             cache: _PageCache, views: list[str]) -> None:
-    """A batch is on disk (and dropped): progress counts its tensors, and the source tensors its leaves were
-    views of leave the page cache."""
-    cache.release(views)
-    for key, nbytes in tensors if on_tensor is not None else ():
-        on_tensor(key, nbytes)
-
-
-class _PageCache:
-    """Advice to the kernel about a source's safetensors tensors (files stored raw, `TensorRef.offset` set).
-
-    `prefetch(key_lists)` starts reading tensors into the page cache (posix_fadvise WILLNEED) in the background,
-    so the disk works on the next leaf while this one is converted; `release(keys)` drops tensors no longer
-    needed from it (DONTNEED), so that the memory they held is reused at once for what the import writes rather
-    than fresh memory taken (on a VM, first touching memory is what costs). Advice is best effort: a filesystem
-    that refuses it changes nothing else.
-    """
-
-    def __init__(self, source: Source):
-        self.source = source
-        self._readahead = ThreadPoolExecutor(max_workers=1)
-        self._released: set[str] = set()  # not to be read ahead again by a prefetch that fell behind
-
-    def prefetch(self, key_lists) -> None:
-        self._readahead.submit(self._advise, [k for keys in key_lists for k in keys], "POSIX_FADV_WILLNEED")
-
-    def release(self, keys: list[str]) -> None:
-        self._released.update(keys)
-        self._advise(keys, "POSIX_FADV_DONTNEED")
-
-    def _advise(self, keys: list[str], advice: str) -> None:
-        if not hasattr(os, "posix_fadvise"):
-            return
-        for ref in (self.source[k] for k in keys):
-            if ref.offset is None or not ref.nbytes or (advice == "POSIX_FADV_WILLNEED" and ref.key in self._released):
-                continue
-            try:
-                fd = os.open(ref.origin, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, ref.offset, ref.nbytes, getattr(os, advice))
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass
+def split_groups(flat: Mapping) -> dict[str, dict]:
+    """{"group/a/b": x} -> {group: nested tree}."""
+    groups: dict[str, dict] = {}
+    for path, leaf in flat.items():
+        group, rest = path.split("/", 1)
+        groups.setdefault(group, {})[rest] = leaf
+    return {g: unflatten(leaves) for g, leaves in groups.items()}
 
 
 def hf_files(folder: str | os.PathLike) -> list[Path]:
@@ -297,192 +129,28 @@ def hf_files(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in files if not p.name.endswith(".index.json"))
 
 
-def _refuse_overlap(src: Path, dst: Path) -> None:
-    src, dst = src.resolve(), dst.resolve()
-    if src == dst or dst in src.parents or src in dst.parents:
-        raise CheckpointError(f"destination {dst} overlaps the source {src}; choose a separate folder")
+def folder_meta(cfg: DreamConfig, layout: TokenLayout, speech: Speech | None) -> dict:
+    """What an imported folder's `omnidiff.json` records about the model (read back by `stored_config`)."""
+    return {"layout": LAYOUT, "model": dataclasses.asdict(cfg), "vocab": dataclasses.asdict(layout),
+            "speech": speech and {"encoder": dataclasses.asdict(speech[0]), "projector": dataclasses.asdict(speech[1])}}
 
 
-# --------------------------------------------------------------------------------------------------- load
-
-def load_orbax_model(path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
-                     **overrides) -> OmniModel:
-    """Loads an orbax folder written by `import_checkpoint` (arguments as `omnidiff_jax.model.load_model`).
-
-    With a mesh, every LLM parameter is read straight into its sharding: each process reads only the slices its
-    devices hold, so a model larger than one device (or than host memory) loads. The speech input, small, is
-    replicated.
-    """
-    path = Path(path)
-    cfg, layout, speech = _stored_config(path)
-    if dtype is not None:
-        overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
-        speech = speech and _speech_dtype(speech, dtype)
-    cfg = cfg.replace(**overrides)
-    shardings = flatten(param_shardings(cfg, mesh)) if mesh is not None else {}
-    place = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None
-             else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    target = {f"{g.name}/{p}": jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=shardings.get(p, place))
-              for g in param_groups(cfg, speech) for p, t in g.target.items()}
-    params = _split_groups(orbax_io.restore(path, target))
-    speech_input = SpeechInput(*speech, params[SPEECH_GROUP]) if speech is not None else None
-    tokenizer = path / orbax_io.FILES_DIR
-    return OmniModel(cfg, layout, params[LLM_GROUP], mesh,
-                     str(tokenizer) if (tokenizer / "tokenizer_config.json").exists() else None, speech_input)
-
-
-def _split_groups(flat: Mapping) -> dict[str, dict]:
-    """{"group/a/b": x} -> {group: nested tree}."""
-    groups: dict[str, dict] = {}
-    for path, leaf in flat.items():
-        group, rest = path.split("/", 1)
-        groups.setdefault(group, {})[rest] = leaf
-    return {g: unflatten(leaves) for g, leaves in groups.items()}
-
-
-def _stored_config(path: Path) -> tuple[DreamConfig, TokenLayout, Speech | None]:
-    meta = orbax_io.read_meta(path)
+def stored_config(meta: dict, file: Path) -> tuple[DreamConfig, TokenLayout, Speech | None]:
+    """The model an imported folder holds, from its `omnidiff.json` (`meta`, read from `file`)."""
     if meta.get("layout", 1) != LAYOUT:
-        raise CheckpointError(f"{path / orbax_io.META_FILE}: parameter layout {meta.get('layout', 1)}, expected "
-                              f"{LAYOUT} (the output head is now [vocab, hidden]); import the reference checkpoint "
-                              "again with `omnidiff convert import`")
+        raise CheckpointError(f"{file}: parameter layout {meta.get('layout', 1)}, expected {LAYOUT} (the output "
+                              "head is now [vocab, hidden]); import the reference checkpoint again with "
+                              "`omnidiff convert import`")
     try:
         speech = meta.get("speech")
         if speech is not None:
             encoder = {k: tuple(v) if isinstance(v, list) else v for k, v in speech["encoder"].items()}
             speech = SenseVoiceConfig(**encoder), ProjectorConfig(**speech["projector"])
         return DreamConfig(**meta["model"]), TokenLayout(**meta["vocab"]), speech
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{path / orbax_io.META_FILE}: bad model, vocab or speech entry ({e})") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: bad model, vocab or speech entry ({e})") from None
 
 
-# --------------------------------------------------------------------------------------------------- export
-
-def export_checkpoint(src: str | os.PathLike | OmniModel, dst: str | os.PathLike, force: bool = False,
-                      max_shard_bytes: int = MAX_SHARD_BYTES, progress: Progress | None = None) -> Summary:
-    """Writes a reference Hugging Face folder at `dst` (refused if it exists, unless `force`).
-
-    src: an orbax folder from `import_checkpoint` (read one leaf at a time) or an `OmniModel`. Output: shards
-    `model-0000k-of-0000n.safetensors` of at most `max_shard_bytes` (a bigger tensor gets a shard of its own),
-    `model.safetensors.index.json`, config.json (model_type Dream, the reference auto_map) and the source's
-    tokenizer and other non-weight files. Tensors keep their stored dtype.
-    """
-    start = time.perf_counter()
-    dst = Path(dst)
-    if isinstance(src, OmniModel):
-        cfg, layout, files = src.config, src.layout, Path(src.tokenizer_path) if src.tokenizer_path else None
-        trees = {LLM_GROUP: src.params}
-        speech = None
-        if src.speech is not None:
-            speech, trees[SPEECH_GROUP] = (src.speech.encoder, src.speech.projector), src.speech.params
-        leaves = {f"{g}/{p}": v for g, tree in trees.items() for p, v in flatten(tree).items()}
-        stored = {p: jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in leaves.items()}
-
-        def fetch(paths):
-            return {p: leaves[p] for p in paths}
-    else:
-        src = Path(src)
-        _refuse_overlap(src, dst)
-        cfg, layout, speech = _stored_config(src)
-        files = src / orbax_io.FILES_DIR
-        stored = orbax_io.stored_leaves(src)
-
-        def fetch(paths):
-            return orbax_io.restore(src, {p: stored[p] for p in paths})
-    groups = param_groups(cfg, speech)
-    _check_leaves(stored, groups)
-    manifest = [(p, key, shape, stored[p].dtype) for g in groups for p, key, shape in _export_manifest(g, stored)]
-    shards = _pack(manifest, [_nbytes(shape, dt) for *_, shape, dt in manifest], max_shard_bytes)
-    total = sum(_nbytes(shape, dt) for *_, shape, dt in manifest)
-    on_tensor = progress(len(manifest), total) if progress else None
-    stream = _export_stream(groups, stored, fetch, on_tensor)
-    dtypes = sorted({np.dtype(dt).name for *_, dt in manifest})
-
-    with orbax_io.staging_folder(dst, force) as tmp:
-        weight_map = {}
-        for n, shard in enumerate(shards):
-            name = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors(tmp / name, {key: _Pending(key, shape, dt, stream) for _, key, shape, dt in shard},
-                              metadata={"format": "pt"})
-            weight_map.update({key: name for _, key, _, _ in shard})
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        original = {}
-        for file in hf_files(files) if files is not None else []:
-            if file.name == "config.json":
-                original = json.loads(file.read_text())
-            else:
-                (tmp / file.name).write_bytes(file.read_bytes())
-        config = {**original, **hf_config(cfg, layout, dtypes[0] if len(dtypes) == 1 else cfg.param_dtype)}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    parameters = sum(int(np.prod(shape)) for *_, shape, _ in manifest)
-    return Summary(len(manifest), parameters, total, tuple(dtypes), time.perf_counter() - start)
-
-
-def _check_leaves(stored: Mapping[str, jax.ShapeDtypeStruct], groups: list[ParamGroup]) -> None:
-    want = {f"{g.name}/{p}": tuple(t.shape) for g in groups for p, t in g.target.items()}
-    problems = [f"{p}: missing" for p in want if p not in stored]
-    problems += [f"{p}: not part of the model" for p in stored if p not in want]
-    problems += [f"{p}: shape {tuple(stored[p].shape)}, the config needs {s}" for p, s in want.items()
-                 if p in stored and tuple(stored[p].shape) != s]
-    if problems:
-        raise ConversionError("parameters do not match their config:\n  - " + "\n  - ".join(problems))
-
-
-def _export_manifest(group: ParamGroup, stored: Mapping[str, jax.ShapeDtypeStruct]):
-    """(leaf path, source key, shape) of every tensor the group exports, in export order, reading no data.
-
-    Runs the key map's own export on zero-byte stand-ins (NumPy dtype V0) of each leaf.
-    """
-    for path in group.target:
-        standin = np.empty(stored[f"{group.name}/{path}"].shape, "V0")
-        for key, arr in group.keymap.export(unflatten({path: standin})):
-            yield f"{group.name}/{path}", key, tuple(arr.shape)
-
-
-def _export_stream(groups, stored, fetch, on_tensor) -> Iterator[tuple[str, np.ndarray]]:
-    """(source key, tensor) in manifest order; leaves are fetched a few at a time (up to `_BATCH_BYTES`)."""
-    paths = [f"{g.name}/{p}" for g in groups for p in g.target]
-    keymaps = {f"{g.name}/{p}": g.keymap for g in groups for p in g.target}
-    for chunk in _pack(paths, [_nbytes(stored[p].shape, stored[p].dtype) for p in paths], _BATCH_BYTES):
-        leaves = fetch(chunk)
-        for path in chunk:
-            leaf = np.asarray(jax.device_get(leaves.pop(path)))
-            for key, arr in keymaps[path].export(unflatten({path.split("/", 1)[1]: leaf})):
-                if on_tensor is not None:
-                    on_tensor(key, arr.nbytes)
-                yield key, arr
-            del leaf
-
-
-class _Pending:
-    """A tensor known by key, shape and dtype; its data is the next item of the export stream, when asked for."""
-
-    def __init__(self, key: str, shape: tuple[int, ...], dtype, stream: Iterator[tuple[str, np.ndarray]]):
-        self.key, self.shape, self.dtype, self._stream = key, shape, np.dtype(dtype), stream
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        key, arr = next(self._stream)
-        if key != self.key or arr.shape != self.shape:
-            raise ConversionError(f"export stream gave {key} {arr.shape}, expected {self.key} {self.shape}")
-        return arr
-
-
-def _pack(items: list, sizes: list[int], max_bytes: int) -> list[list]:
-    """Consecutive items grouped into runs of at most `max_bytes` (a bigger item gets a run of its own)."""
-    runs, total = [[]], 0
-    for item, size in zip(items, sizes):
-        if runs[-1] and total + size > max_bytes:
-            runs.append([])
-            total = 0
-        runs[-1].append(item)
-        total += size
-    return runs
-
-
-def _nbytes(shape, dtype) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-
-
-__all__ = ["import_checkpoint", "export_checkpoint", "load_orbax_model", "param_groups", "speech_configs",
-           "ParamGroup", "Summary", "plan_groups", "hf_files"]
+__all__ = ["LLM_GROUP", "SPEECH_GROUP", "SPEECH_KEYS", "LAYOUT", "INDEX_FILE", "ParamGroup", "Speech",
+           "has_speech", "dream_target", "param_groups", "speech_configs", "speech_dtype", "split_source", "plan_groups",
+           "split_groups", "hf_files", "folder_meta", "stored_config"]

@@ -2,29 +2,37 @@
 
 A checkpoint folder holds
 
-    omnidiff.json   what the folder is: format version, model config, token layout, notes (written last)
+    omnidiff.json   what the folder is: format version, model config, token layout, notes, and a CRC-32 of every
+                    parameter leaf's bytes (written last)
     params/         an orbax PyTree of parameter groups, e.g. {"dream": {"embed_tokens": {"embedding": ...}, ...}}
     hf/             the source checkpoint's non-weight files, verbatim: tokenizer, generation config, remote code
 
 `writing(dst)` builds the folder in a temporary sibling of `dst` and renames it into place only when everything
-is on disk, so an interrupted write never leaves a folder that looks like a checkpoint. Parameters are added a
+is on disk, so an interrupted write (an exception, Ctrl-C, SIGTERM) never leaves a folder that looks like a
+checkpoint, and removes the staging folder; one left by a killed process is removed by the next write to `dst`. Parameters are added a
 few leaves at a time (orbax's partial saves, `orbax.checkpoint.experimental.v1.partial`), each written in the
 background while the caller builds the next, so a 16 GB model is written without ever being whole in memory.
 `restore` reads any subset of the leaves, each straight into its sharding (every process reads only the slices
-its devices hold), in the dtype asked for.
+its devices hold), in the dtype asked for; `verify` reads every leaf back and checks it against its checksum. A
+damaged folder (a file missing, truncated or corrupt) is a `CheckpointError` of one line naming the folder and
+what is wrong.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import logging
 import os
 import queue
+import re
 import secrets
 import shutil
+import signal
 import threading
+import zlib
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -37,9 +45,11 @@ from omnidiff_jax.convert.sources import CheckpointError, read_json
 
 META_FILE = "omnidiff.json"
 PARAMS_DIR = "params"
+_TREE_DIR = "state"  # orbax's folder for the PyTree under params/: _METADATA, then one zarr array per leaf
 FILES_DIR = "hf"
 FORMAT = "omnidiff-orbax"
 VERSION = 1
+CHECKSUMS = "checksums"  # the omnidiff.json entry: {leaf path: "crc32:<8 hex digits>"}
 _RESTORE_BYTES = 256 << 20  # read per orbax call, bounding the host memory in transit
 PENDING_BYTES = 2 << 30  # parameters queued for writing, at most (plus the caller's next tree)
 
@@ -84,9 +94,11 @@ def staging_folder(dst: str | os.PathLike, force: bool = False) -> Iterator[Path
     if dst.exists() and not force:
         raise CheckpointError(f"{dst} already exists; pass --force (force=True) to overwrite it")
     dst.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(dst)
     tmp = _unique_sibling(dst, "tmp")
     try:
-        yield tmp
+        with _sigterm_raises():
+            yield tmp
         if dst.exists():
             old = _unique_sibling(dst, "old")
             os.replace(dst, old / dst.name)
@@ -100,14 +112,53 @@ def staging_folder(dst: str | os.PathLike, force: bool = False) -> Iterator[Path
 
 
 def _unique_sibling(path: Path, tag: str) -> Path:
-    """Creates and returns an empty folder `<name>.<tag>-<random>` beside `path` (default permissions)."""
+    """Creates and returns an empty folder `<name>.<tag>-<pid>-<random>` beside `path` (default permissions)."""
     while True:
-        sibling = path.with_name(f"{path.name}.{tag}-{secrets.token_hex(4)}")
+        sibling = path.with_name(f"{path.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
         try:
             sibling.mkdir()
             return sibling
         except FileExistsError:
             continue
+
+
+def _remove_leftovers(dst: Path) -> None:
+    """Removes the staging folders `<dst>.tmp-<pid>-*` of writers that no longer run (killed with SIGKILL, or the
+    machine went down); a live writer's folder is left alone."""
+    for leftover in dst.parent.glob(f"{glob.escape(dst.name)}.tmp-*"):
+        match = re.fullmatch(r"(\d+)-[0-9a-f]+", leftover.name[len(dst.name) + len(".tmp-"):])
+        if match and not _running(int(match.group(1))) and leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises SystemExit(143) in the main thread as Ctrl-C raises KeyboardInterrupt, so
+    that the same clean-up runs (a no-op outside the main thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class CheckpointWriter:
@@ -120,6 +171,7 @@ class CheckpointWriter:
     def __init__(self, folder: Path, pending_bytes: int = PENDING_BYTES):
         self.folder = folder
         self.meta: dict = {}
+        self._checksums: dict[str, str] = {}  # leaf path -> checksum of its bytes, as written
         self._budget = pending_bytes
         self._queued = 0  # bytes handed to add_params and not yet written
         self._error: BaseException | None = None
@@ -167,6 +219,7 @@ class CheckpointWriter:
                 if self._error is None:
                     with _context():
                         ocp.partial.save(self.folder / PARAMS_DIR, tree)
+                    self._checksums.update({path: checksum(leaf) for path, leaf in flatten(tree).items()})
                     tree = None  # the arrays (and the files memory-mapped under them) go before `written` runs
                     if written is not None:
                         written()
@@ -202,7 +255,7 @@ class CheckpointWriter:
         self._stop()
         with _context():
             ocp.partial.finalize(self.folder / PARAMS_DIR)
-        meta = {"format": FORMAT, "version": VERSION, **self.meta}
+        meta = {"format": FORMAT, "version": VERSION, **self.meta, CHECKSUMS: dict(sorted(self._checksums.items()))}
         (self.folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
 
 
@@ -226,29 +279,80 @@ def writing(dst: str | os.PathLike, force: bool = False,
             raise
 
 
+def checksum(array) -> str:
+    """CRC-32 of an array's bytes in C order (`crc32:<8 hex digits>`): a flipped or lost byte changes it."""
+    data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    return f"crc32:{zlib.crc32(data):08x}"
+
+
 # --------------------------------------------------------------------------------------------------- reading
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
-    """True when `path` is a folder written by `writing`."""
-    return (Path(path) / META_FILE).is_file()
+    """True when `path` is a folder written by `writing` (or what is left of one: `read_meta` says what is wrong)."""
+    return (Path(path) / META_FILE).is_file() or (Path(path) / PARAMS_DIR).is_dir()
 
 
 def read_meta(path: str | os.PathLike) -> dict:
     """The folder's `omnidiff.json`; raises CheckpointError naming the folder when it is not our checkpoint."""
     file = Path(path) / META_FILE
     meta = read_json(file, f"not an omnidiff orbax checkpoint (no {META_FILE})")
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(f"{file}: format {meta.get('format')!r} version {meta.get('version')!r}, expected "
-                              f"{FORMAT!r} version {VERSION}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else (type(meta).__name__, None)
+        raise CheckpointError(f"{file}: format {found[0]!r} version {found[1]!r}, expected {FORMAT!r} version "
+                              f"{VERSION}")
     return meta
 
 
-def _metadata(path: str | os.PathLike) -> dict:
-    read_meta(path)
-    tree = ocp.metadata(Path(path).absolute() / PARAMS_DIR).metadata
-    if not tree:
+def _stored_paths(path: Path) -> list[str]:
+    """The leaf paths the folder's PyTree index lists, after checking that each leaf's array metadata is there."""
+    tree = path / PARAMS_DIR / _TREE_DIR
+    index = tree / "_METADATA"
+    if not index.is_file():
+        raise CheckpointError(f"{path}: damaged checkpoint: {index.relative_to(path)} is missing")
+    try:
+        entries = json.loads(index.read_text())["tree_metadata"].values()
+        keys = [[k["key"] for k in entry["key_metadata"]] for entry in entries]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: damaged checkpoint: {index.relative_to(path)} is not an orbax PyTree index "
+                              f"({type(e).__name__}: {e})") from None
+    if not keys:
         raise CheckpointError(f"{path}: no parameters in {PARAMS_DIR}/")
+    for leaf in keys:
+        array = tree / ".".join(map(str, leaf)) / "zarr.json"
+        if not array.is_file():
+            raise CheckpointError(f"{path}: damaged checkpoint: parameter {'/'.join(map(str, leaf))} has no array "
+                                  f"metadata ({array.relative_to(path)} is missing)")
+    return ["/".join(map(str, leaf)) for leaf in keys]
+
+
+def _metadata(path: str | os.PathLike) -> dict:
+    path = Path(path).absolute()
+    read_meta(path)
+    _stored_paths(path)
+    try:
+        tree = ocp.metadata(path / PARAMS_DIR).metadata
+    except Exception as e:  # noqa: BLE001 - orbax and TensorStore raise many types for damaged files
+        raise _damaged(path, e) from None
+    if not tree:
+        raise CheckpointError(f"{path}: damaged checkpoint: orbax finds no parameters in {PARAMS_DIR}/")
     return flatten(tree)
+
+
+def _damaged(path: Path, error: BaseException) -> CheckpointError:
+    """One line for a read that failed inside orbax/TensorStore: the parameter and file at fault, and why."""
+    causes = [error]
+    while causes[-1].__cause__ is not None or causes[-1].__context__ is not None:
+        causes.append(causes[-1].__cause__ or causes[-1].__context__)
+    cause = next((c for c in causes if 'local file "' in str(c)), causes[-1])
+    reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    reason = reason.replace(f"{path}/", "")
+    file = re.search(r'local file "([^"]+)"', reason)
+    leaf = ""
+    if file is not None:
+        parts = Path(file.group(1)).parts
+        if len(parts) > 2 and parts[:2] == (PARAMS_DIR, _TREE_DIR):
+            leaf = f" parameter {parts[2].replace('.', '/')}:"
+    return CheckpointError(f"{path}: damaged checkpoint:{leaf} {reason}")
 
 
 def stored_leaves(path: str | os.PathLike) -> dict[str, jax.ShapeDtypeStruct]:
@@ -263,22 +367,57 @@ def restore(path: str | os.PathLike, target: Mapping[str, jax.ShapeDtypeStruct])
     Leaves are read about `_RESTORE_BYTES` at a time, which bounds the host memory in transit. Names and shapes
     are checked against the stored metadata first, and every problem is reported in one error.
     """
+    return dict(_restore_chunks(path, target))
+
+
+def _restore_chunks(path: str | os.PathLike, target: Mapping[str, jax.ShapeDtypeStruct]) -> Iterator[tuple[str, object]]:
+    """`restore`, yielding (path, leaf) as each chunk of about `_RESTORE_BYTES` is read."""
+    path = Path(path).absolute()
     stored = _metadata(path)
     problems = [f"{k}: not in the checkpoint" for k in target if k not in stored]
     problems += [f"{k}: stored with shape {tuple(stored[k].shape)}, expected {tuple(t.shape)}"
                  for k, t in target.items() if k in stored and tuple(stored[k].shape) != tuple(t.shape)]
     if problems:
         raise CheckpointError(f"cannot restore {path}:\n  - " + "\n  - ".join(problems))
-    out: dict = {}
     chunk: dict = {}
     for n, (k, t) in enumerate(target.items()):
         # a NumPy metadata leaf asks orbax for a host array, a ShapeDtypeStruct with a sharding for a jax.Array
         chunk[k] = t if t.sharding is not None else dataclasses.replace(stored[k], dtype=np.dtype(t.dtype))
         if n + 1 == len(target) or sum(_nbytes(c) for c in chunk.values()) >= _RESTORE_BYTES:
-            with _context(partial_load=len(chunk) < len(stored)):
-                out.update(flatten(ocp.load(Path(path).absolute() / PARAMS_DIR, unflatten(chunk))))
+            try:
+                with _context(partial_load=len(chunk) < len(stored)):
+                    loaded = flatten(ocp.load(path / PARAMS_DIR, unflatten(chunk)))
+            except Exception as e:  # noqa: BLE001 - orbax and TensorStore raise many types for damaged files
+                raise _damaged(path, e) from None
             chunk = {}
-    return out
+            yield from loaded.items()
+
+
+def verify(path: str | os.PathLike) -> list[str]:
+    """Reads every stored leaf back and checks it against the checksum the writer recorded; returns one line per
+    problem (a damaged file, a leaf whose bytes changed, one missing or unlisted), [] when the folder is intact."""
+    path = Path(path).absolute()
+    listed = read_meta(path).get(CHECKSUMS)
+    if not isinstance(listed, dict):
+        return [f"{path / META_FILE}: no {CHECKSUMS!r} entry (written before checksums were recorded): nothing to "
+                "check against; import the checkpoint again"]
+    try:
+        stored = stored_leaves(path)
+    except CheckpointError as e:
+        return [str(e)]
+    problems = [f"{path}: parameter {k}: listed in {META_FILE} but not stored" for k in listed if k not in stored]
+    problems += [f"{path}: parameter {k}: stored but has no checksum in {META_FILE}" for k in stored
+                 if k not in listed]
+    for k in (k for k in stored if k in listed):  # one leaf at a time, so that each damaged one is reported
+        try:
+            (_, leaf), = _restore_chunks(path, {k: stored[k]})
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if (found := checksum(leaf)) != listed[k]:
+            problems.append(f"{path}: parameter {k}: checksum {found} does not match the recorded {listed[k]}: "
+                            "its data changed on disk")
+    return problems
 
 
 def _nbytes(leaf) -> int:

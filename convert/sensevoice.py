@@ -80,7 +80,8 @@ def speech_keymap(encoder_prefix: str = OMNI_ENCODER_PREFIX,
     return KeyMap(rules, drop=((ctc, "SenseVoice CTC head, unused by Omni-Diffusion"),))
 
 
-def _target(encoder: SenseVoiceConfig, projector: ProjectorConfig | None) -> dict[str, jax.ShapeDtypeStruct]:
+def speech_target(encoder: SenseVoiceConfig, projector: ProjectorConfig | None) -> dict[str, jax.ShapeDtypeStruct]:
+    """Flat {path: ShapeDtypeStruct} of the speech-input parameters (the encoder alone when projector is None)."""
     tree = {"encoder": sensevoice.abstract_params(encoder)}
     if projector is not None:
         tree["projector"] = projector_lib.abstract_params(projector)
@@ -106,7 +107,7 @@ def load_speech_encoder(source: Source | str | os.PathLike, encoder: SenseVoiceC
         raise CheckpointError(f"{source.description}: no SenseVoice encoder keys (none start with "
                               f"{encoder_prefix!r})")
     keymap = speech_keymap(encoder_prefix, projector_prefix if projector is not None else None)
-    return keymap.load(speech, _target(encoder, projector), dtype=dtype)
+    return keymap.load(speech, speech_target(encoder, projector), dtype=dtype)
 
 
 def load_sensevoice_small(path: str | os.PathLike, config: SenseVoiceConfig = SenseVoiceConfig.small(),
@@ -126,4 +127,4 @@ def load_sensevoice_small(path: str | os.PathLike, config: SenseVoiceConfig = Se
 
 
 __all__ = ["OMNI_ENCODER_PREFIX", "OMNI_PROJECTOR_PREFIX", "encoder_rules", "projector_rules", "speech_keymap",
-           "load_speech_encoder", "load_sensevoice_small"]
+           "speech_target", "load_speech_encoder", "load_sensevoice_small"]

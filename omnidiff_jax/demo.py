@@ -190,7 +190,9 @@ def run(out: str | os.PathLike = "demo", steps: int = 1500, seed: int = 0, force
     from omnidiff_jax.speech_in import SpeechInput, init_speech_input, load_wave
     from omnidiff_jax.text_tokenizer import ByteTokenizer
     from omnidiff_jax.train import prepare
-    from omnidiff_jax.train.trainer import Trainer, load_run_params, speech_encoder
+    from omnidiff_jax.train.checkpoints import load_run_params
+    from omnidiff_jax.train.speech import speech_encoder
+    from omnidiff_jax.train.trainer import Trainer
 
     root = Path(out)
     if root.exists() and any(root.iterdir()) and not (root / MARKER).exists() and not force:

@@ -1,7 +1,7 @@
 """The loaded model a user holds: config, token layout, parameters, and jitted entry points.
 
-`load_model(path)` reads a reference Hugging Face folder (config.json + safetensors); `init_model(config)`
-builds random weights from a built-in config. `OmniModel.logits` is the reference forward:
+`init_model(config)` builds random weights from a built-in config; `omnidiff_jax.checkpoint.load_model(path)`
+reads a checkpoint into an `OmniModel`. `OmniModel.logits` is the reference forward:
 `DreamModel.forward` semantics (packed segments from position ids, padded query rows output 0) when position ids
 or an attention mask are given, `forward_dream` semantics (full attention, positions 0..L-1) otherwise.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -22,10 +21,7 @@ from jax.sharding import Mesh
 from omnidiff_jax import sharding
 from omnidiff_jax.attention import segment_ids_from_positions
 from omnidiff_jax.config import dream_config, get_config, token_layout
-from omnidiff_jax.convert import orbax_io
-from omnidiff_jax.convert.dream import dream_keymap, read_hf_config
-from omnidiff_jax.convert.keymap import flatten
-from omnidiff_jax.convert.sources import open_source
+from omnidiff_jax.models import abstract_params
 from omnidiff_jax.models.dream import Dream, DreamConfig
 from omnidiff_jax.vocab import TokenLayout
 
@@ -110,15 +106,9 @@ def _check_shape(x, shape, name):
     return arr
 
 
-def abstract_params(cfg: DreamConfig):
-    """Boxed (logically partitioned) ShapeDtypeStructs of the parameters, without allocating anything."""
-    ids = jnp.zeros((1, 8), jnp.int32)
-    return jax.eval_shape(lambda: Dream(cfg).init(jax.random.key(0), ids))["params"]
-
-
 def param_shardings(cfg: DreamConfig, mesh: Mesh) -> dict:
     """NamedSharding per parameter (a plain nested dict) for `cfg` on `mesh`."""
-    return sharding.param_shardings(abstract_params(cfg), mesh)
+    return sharding.param_shardings(abstract_params(Dream(cfg), jnp.zeros((1, 8), jnp.int32)), mesh)
 
 
 def init_model(config: str = "tiny", seed: int = 0, mesh: Mesh | None = None, **overrides) -> OmniModel:
@@ -132,44 +122,4 @@ def init_model(config: str = "tiny", seed: int = 0, mesh: Mesh | None = None, **
     return OmniModel(cfg, token_layout(cfg_dict), init(jax.random.key(seed)), mesh)
 
 
-def load_model(path: str | Path, dtype: str | None = None, mesh: Mesh | None = None, **overrides) -> OmniModel:
-    """Loads a reference Hugging Face Dream folder (config.json + safetensors, sharded or not), or the orbax
-    folder `omnidiff convert import` writes from one.
-
-    dtype: 'float32' or 'bfloat16' for parameters and compute (default: the checkpoint's dtype). mesh: load
-    straight into the sharded layout (each process reads only the slices its devices hold). overrides:
-    DreamConfig fields such as remat_policy or attention_impl.
-    """
-    path = Path(path)
-    if orbax_io.is_checkpoint(path):
-        from omnidiff_jax.convert.omni import load_orbax_model
-        return load_orbax_model(path, dtype, mesh, **overrides)
-    cfg, layout, raw = read_hf_config(path)
-    if dtype is not None:
-        overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
-    cfg = cfg.replace(**overrides)
-    source = open_source(path)
-    target = flatten(nn.meta.unbox(abstract_params(cfg)))
-    shardings = None if mesh is None else flatten(param_shardings(cfg, mesh))
-    params = dream_keymap(cfg).load(source, target, dtype=cfg.param_dtype, shardings=shardings)
-    tokenizer = str(path) if (path / "tokenizer_config.json").exists() else None
-    speech = None
-    if any(k.startswith(SPEECH_PREFIX) for k in source):
-        speech = load_speech(source, raw, cfg)
-    return OmniModel(cfg, layout, params, mesh, tokenizer, speech)
-
-
-SPEECH_PREFIX = "model.audio_model."
-
-
-def load_speech(source, raw_config: dict, cfg: DreamConfig):
-    """The speech-input encoder + projector of a reference checkpoint, in the LLM's parameter dtype (shapes per
-    `convert.omni.speech_configs`: SenseVoiceSmall unless config.json has an `omnidiff_speech` field)."""
-    from omnidiff_jax.convert.omni import speech_configs
-    from omnidiff_jax.speech_in import load_speech_input
-
-    encoder, projector = speech_configs(raw_config, cfg.param_dtype)
-    return load_speech_input(source, encoder, projector)
-
-
-__all__ = ["OmniModel", "init_model", "load_model", "abstract_params", "param_shardings"]
+__all__ = ["OmniModel", "init_model", "check_ids", "param_shardings"]

@@ -130,8 +130,7 @@ def phase(name: str, src: str, dst: str) -> dict:
     """Runs one phase in this process; returns seconds, bytes and peak RSS. The clock starts once the phase's
     modules are imported (interpreter start-up is not throughput)."""
     import jax
-    from omnidiff_jax.convert.omni import export_checkpoint, import_checkpoint, load_orbax_model
-    from omnidiff_jax.model import load_model
+    from omnidiff_jax.checkpoint import export_checkpoint, import_checkpoint, load_model
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     if name == "raw_read":
         nbytes, buf = 0, bytearray(64 << 20)
@@ -147,7 +146,7 @@ def phase(name: str, src: str, dst: str) -> dict:
     elif name == "export":
         nbytes = export_checkpoint(src, dst).nbytes
     elif name in ("load_orbax", "load_direct"):  # the whole model into device (here: CPU) memory
-        model = (load_orbax_model if name == "load_orbax" else load_model)(src)
+        model = load_model(src)  # an orbax folder (load_orbax) or the reference folder (load_direct)
         nbytes = sum(x.nbytes for x in jax.tree.leaves(jax.block_until_ready(model.params)))
     seconds = time.perf_counter() - start
     status = Path("/proc/self/status").read_text()

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import benchlib
 
+from omnidiff_jax.checkpoint import load_model
 from omnidiff_jax.configs.base import model_config
 from omnidiff_jax.configs.small import get_config as small
 from omnidiff_jax.image import ImageTokenizer
-from omnidiff_jax.model import load_model
 from omnidiff_jax.pipeline import Pipeline
 from omnidiff_jax.tasks import PRESETS, TASKS
 from omnidiff_jax.text_tokenizer import ByteTokenizer

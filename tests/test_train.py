@@ -22,11 +22,14 @@ from torch_ref import train_loss as ref
 import omnidiff_jax
 from omnidiff_jax.cli import main as omnidiff
 from omnidiff_jax.config import apply_override, dream_config, get_config, load_config
-from omnidiff_jax.model import OmniModel
-from omnidiff_jax.sampler import sample
-from omnidiff_jax.train import data, init, loss, optim
 from omnidiff_jax.convert.keymap import flatten
-from omnidiff_jax.train.trainer import Trainer, flops_per_token, load_run_params
+from omnidiff_jax.model import OmniModel, param_shardings
+from omnidiff_jax.sampler import sample
+from omnidiff_jax.sharding import make_mesh
+from omnidiff_jax.train import data, init, loss, optim
+from omnidiff_jax.train.checkpoints import load_run_params
+from omnidiff_jax.train.speech import speech_encoder
+from omnidiff_jax.train.trainer import Trainer, flops_per_token
 
 STEPS, LR = 300, 3e-3
 
@@ -45,7 +48,7 @@ def setup(tmp_path_factory):
     cfg.train.checkpoint_every, cfg.train.log_every = 100, 10
     cfg.optim.lr, cfg.optim.warmup_ratio = LR, 0.02  # warmup over 6 updates
     return {"records": records, "c": c, "folder": folder, "cfg": cfg,
-            "trainer": Trainer(cfg)}
+            "trainer": Trainer(cfg, mesh=make_mesh(devices=jax.devices()[:1]))}  # one of the session's 8 devices
 
 
 def torch_pack(packs, i):
@@ -196,18 +199,20 @@ def cli(args, workdir, env):
 
 
 def test_kill_and_resume_is_bit_identical(setup, tmp_path):
-    """The CLI, same config as the in-process run, killed with SIGKILL right after its first checkpoint, then
-    restarted: the final parameters and the losses after the restart equal the uninterrupted run's bit for bit."""
+    """The CLI killed with SIGKILL right after its first checkpoint, then restarted: the final parameters and the
+    losses after the restart equal those of an uninterrupted CLI run of the same config bit for bit (both on one
+    CPU device, run side by side)."""
     cfg = setup["cfg"]
-    setup["trainer"].run(progress=False)  # the uninterrupted run (already done by the learning test)
     args = ["--config", "configs/train_tiny.py", f"--config.data.root={cfg.data.root}",
             f"--config.train.steps={STEPS}", "--config.train.accumulate=sum", "--config.train.micro_batch=4",
             f"--config.optim.lr={LR}", "--config.optim.warmup_ratio=0.02", "--config.train.log_every=1",
             "--config.train.keep_checkpoints=2"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DEFAULT_MATMUL_PRECISION": "highest",
+    one_device = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    env = {**os.environ, "XLA_FLAGS": one_device, "JAX_PLATFORMS": "cpu", "JAX_DEFAULT_MATMUL_PRECISION": "highest",
            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    workdir = tmp_path / "run"
+    workdir, reference = tmp_path / "run", tmp_path / "uninterrupted"
+    uninterrupted = cli(args + ["--config.train.checkpoint_every=100"], reference, env)
     first = cli(args + ["--config.train.checkpoint_every=10"], workdir, env)
     deadline = time.time() + 240
     while not list((workdir / "checkpoints").glob("[0-9]*")) and first.poll() is None and time.time() < deadline:
@@ -217,15 +222,16 @@ def test_kill_and_resume_is_bit_identical(setup, tmp_path):
     killed_at = max(json.loads(line)["step"] for line in open(workdir / "metrics.jsonl"))
     assert killed_at < STEPS
     second = cli(args + ["--config.train.checkpoint_every=100"], workdir, env)  # saving does not change the math
-    out, _ = second.communicate(timeout=300)
-    assert second.returncode == 0, out
-    want = [json.loads(line) for line in open(f"{cfg.train.workdir}/metrics.jsonl")]
+    for proc in (second, uninterrupted):
+        out, _ = proc.communicate(timeout=400)
+        assert proc.returncode == 0, out
+    want = [json.loads(line) for line in open(reference / "metrics.jsonl")]
     got = {r["step"]: r for r in map(json.loads, open(workdir / "metrics.jsonl"))}
-    assert sorted(got) == list(range(1, STEPS + 1))
+    assert sorted(got) == [r["step"] for r in want] == list(range(1, STEPS + 1))
     assert all(got[r["step"]]["loss"] == r["loss"] for r in want)
-    resumed, uninterrupted = load_run_params(workdir), load_run_params(cfg.train.workdir)
-    for path, leaf in flatten(uninterrupted).items():
-        np.testing.assert_array_equal(flatten(resumed)[path], leaf, err_msg=path)
+    resumed = flatten(load_run_params(workdir))
+    for path, leaf in flatten(load_run_params(reference)).items():
+        np.testing.assert_array_equal(resumed[path], leaf, err_msg=path)
 
 
 def test_speech_features_reach_the_embeddings():
@@ -237,7 +243,6 @@ def test_speech_features_reach_the_embeddings():
     from omnidiff_jax.models.projector import ProjectorConfig
     from omnidiff_jax.models.sensevoice import SenseVoiceConfig
     from omnidiff_jax.speech_in import SpeechInput, encode, init_speech_input, scatter_audio
-    from omnidiff_jax.train.trainer import speech_encoder
 
     speech = SpeechInput(SenseVoiceConfig.tiny(), ProjectorConfig.tiny(),
                          jax.jit(lambda: init_speech_input().params)())  # jitted: eager init is slow
@@ -303,71 +308,39 @@ def test_prepare_command(tmp_path, capsys):
     assert omnidiff(base + ["--source", "nope"]) == 2
 
 
-SHARDED = r"""
-import json, sys
-
-import jax
-import ml_collections
-import numpy as np
-import optax
-
-jax.config.update("jax_default_matmul_precision", "highest")
-from omnidiff_jax.config import dream_config
-from omnidiff_jax.convert.keymap import flatten
-from omnidiff_jax.sharding import make_mesh
-from omnidiff_jax.train import data
-from omnidiff_jax.train.init import initial_params
-from omnidiff_jax.train.trainer import Trainer
-
-cfg = ml_collections.ConfigDict(json.loads(open(sys.argv[1]).read()))
-trainer = Trainer(cfg, mesh=make_mesh(2, 2, 2))
-state = trainer.init_state(initial_params(cfg, dream_config(cfg)))
-it, out = trainer.data_iterator(), {}
-for step in range(3):
-    batch = trainer.device_batch(data.next_packs(it, 8))
-    state, metrics = trainer.step_fn(state, batch, trainer.frozen)
-    out[f"loss{step}"] = np.asarray(metrics["loss"])
-    if step == 0:
-        out.update({"mu/" + k: v for k, v in flatten(jax.device_get(optax.tree.get(state.opt_state, "mu"))).items()})
-head = state.params["dream"]["lm_head"]["embedding"]
-assert jax.device_count() == 8 and head.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
-assert head.addressable_shards[0].data.shape == (192, 32) and batch["labels"].sharding.spec[1] == ("data", "fsdp")
-out.update({"params/" + k: v for k, v in flatten(jax.device_get(state.params)).items()})
-from omnidiff_jax.model import param_shardings
-from omnidiff_jax.train.trainer import load_run_params
-restored = load_run_params(sys.argv[3], shardings={"dream": param_shardings(trainer.model_cfg, trainer.mesh)})
-assert restored["dream"]["lm_head"]["embedding"].sharding.spec == head.sharding.spec
-out.update({"restored/" + k: v for k, v in flatten(jax.device_get(restored)).items()})
-np.savez(sys.argv[2], **out)
-"""
-
-
-def test_sharded_step_equals_single_device(setup, tmp_path):
-    """Three steps on 8 fake CPU devices (data 2 x fsdp 2 x tensor 2, in a subprocess) against the same steps
-    here on one device: losses, first moments and parameters agree to float32 reduction-order noise."""
+def test_sharded_step_equals_single_device(setup):
+    """Three steps on the 8 fake CPU devices (data 2 x fsdp 2 x tensor 2) against the same steps on one device:
+    losses, first moments and parameters agree to float32 reduction-order noise; a run's checkpoint restores
+    sharded."""
     trainer, cfg = setup["trainer"], setup["cfg"]
-    trainer.run(progress=False)  # the trained run whose checkpoint the subprocess restores sharded
-    (tmp_path / "cfg.json").write_text(cfg.to_json())
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.Popen([sys.executable, "-c", SHARDED, str(tmp_path / "cfg.json"), str(tmp_path / "out.npz"),
-                             cfg.train.workdir], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    trainer.run(progress=False)  # the trained run whose checkpoint is restored sharded below
+    sharded = Trainer(cfg, mesh=make_mesh(2, 2, 2))
     initial = init.initial_params(cfg, trainer.model_cfg)
-    state, it = trainer.init_state(initial), trainer.data_iterator()
-    losses = []
-    for step in range(3):
-        state, metrics = trainer.step_fn(state, trainer.device_batch(data.next_packs(it, 8)), trainer.frozen)
-        losses.append(float(metrics["loss"]))
-        if step == 0:
-            mu = flatten(jax.device_get(optax.tree.get(state.opt_state, "mu")))
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
-    sharded = np.load(tmp_path / "out.npz")
-    np.testing.assert_allclose([sharded[f"loss{i}"] for i in range(3)], losses, rtol=1e-5)
+    runs = []
+    for t in (trainer, sharded):
+        state, it = t.init_state(initial), t.data_iterator()
+        losses = []
+        for step in range(3):
+            batch = t.device_batch(data.next_packs(it, 8))
+            state, metrics = t.step_fn(state, batch, t.frozen)
+            losses.append(float(metrics["loss"]))
+            if step == 0:
+                mu = flatten(jax.device_get(optax.tree.get(state.opt_state, "mu")))
+        runs.append((losses, mu, state, batch))
+    (losses, mu, state, _), (sharded_losses, sharded_mu, sharded_state, batch) = runs
+    head = sharded_state.params["dream"]["lm_head"]["embedding"]
+    assert head.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert head.addressable_shards[0].data.shape == (192, 32) and batch["labels"].sharding.spec[1] == ("data", "fsdp")
+    np.testing.assert_allclose(sharded_losses, losses, rtol=1e-5)
     for key, want in mu.items():
-        np.testing.assert_allclose(sharded["mu/" + key], want, rtol=1e-4, atol=1e-8, err_msg=key)
-    before = flatten(initial)
+        np.testing.assert_allclose(sharded_mu[key], want, rtol=1e-4, atol=1e-8, err_msg=key)
+    before, after = flatten(initial), flatten(jax.device_get(sharded_state.params))
     for key, want in flatten(jax.device_get(state.params)).items():
-        np.testing.assert_allclose(sharded["params/" + key], want, rtol=1e-5, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(after[key], want, rtol=1e-5, atol=1e-6, err_msg=key)
         assert not np.array_equal(want, before[key]), key  # every parameter moved
-    for key, want in flatten(load_run_params(cfg.train.workdir)).items():  # a checkpoint restores sharded
-        np.testing.assert_array_equal(sharded["restored/" + key], want, err_msg=key)
+
+    restored = load_run_params(cfg.train.workdir, shardings={"dream": param_shardings(sharded.model_cfg, sharded.mesh)})
+    assert restored["dream"]["lm_head"]["embedding"].sharding.spec == head.sharding.spec
+    restored = flatten(jax.device_get(restored))
+    for key, want in flatten(load_run_params(cfg.train.workdir)).items():
+        np.testing.assert_array_equal(restored[key], want, err_msg=key)

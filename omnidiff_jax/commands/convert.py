@@ -1,10 +1,11 @@
-"""`omnidiff convert import|export`: the reference PyTorch checkpoint <-> our orbax checkpoint folder."""
+"""`omnidiff convert import|export|verify`: the reference PyTorch checkpoint <-> our orbax checkpoint folder, and
+a check of an orbax folder against the checksums its import recorded."""
 
 from __future__ import annotations
 
 from tqdm import tqdm
 
-from omnidiff_jax.convert.omni import export_checkpoint, import_checkpoint
+from omnidiff_jax.checkpoint import export_checkpoint, import_checkpoint, verify_checkpoint
 
 
 def register(group) -> None:
@@ -24,6 +25,10 @@ def register(group) -> None:
                                "config.json, tokenizer files")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=run_export)
+
+    p = convert.add_parser("verify", help="check an orbax folder's parameters against their recorded checksums")
+    p.add_argument("dir", help="an orbax folder written by `omnidiff convert import`")
+    p.set_defaults(func=run_verify)
 
 
 class _Bar:
@@ -67,4 +72,14 @@ def run_export(args) -> int:
     finally:
         bar.close()
     print(f"exported {args.src} -> {args.dst}: {summary}")
+    return 0
+
+
+def run_verify(args) -> int:
+    problems = verify_checkpoint(args.dir)
+    for problem in problems:
+        print(problem)
+    if problems:
+        return 1
+    print(f"{args.dir}: every parameter matches its checksum")
     return 0

@@ -69,7 +69,7 @@ def _accept_overrides(parser: argparse.ArgumentParser) -> None:
 def run_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.export:
-        from omnidiff_jax.train.trainer import export_run
+        from omnidiff_jax.train.checkpoints import export_run
 
         print(export_run(cfg.train.workdir, args.export, args.step, args.force, args.tokenizer))
         return 0

@@ -19,14 +19,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.sharding import Mesh
 
-from omnidiff_jax.convert.dream import dream_keymap
-from omnidiff_jax.convert.keymap import flatten, unflatten
-from omnidiff_jax.convert.sources import CheckpointError, open_source, read_json
-from omnidiff_jax.model import abstract_params, load_model, param_shardings
+from omnidiff_jax.checkpoint import load_dream_params, load_model
+from omnidiff_jax.convert.sources import CheckpointError
+from omnidiff_jax.model import param_shardings
 from omnidiff_jax.models.dream import Dream, DreamConfig
+from omnidiff_jax.train.checkpoints import load_run_params
 
 INIT_KINDS = ("random", "dream", "omni", "checkpoint")
 
@@ -52,18 +51,7 @@ def resize_vocab(params: dict, vocab_size: int, key: jax.Array, std: float = 0.0
 def load_dream_resized(path: str | Path, cfg: DreamConfig, key: jax.Array, mesh: Mesh | None = None) -> dict:
     """A Hugging Face Dream folder whose shape matches `cfg` except for a smaller vocabulary, resized to it
     (float32; with a mesh, read and resized straight into `cfg`'s sharded layout)."""
-    config_path = Path(path) / "config.json"
-    raw = read_json(config_path, "not a Dream checkpoint (no config.json)")
-    fields = {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
-              "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-              "intermediate_size": cfg.intermediate_size}
-    wrong = [f"{k} {raw.get(k)} (config has {v})" for k, v in fields.items() if raw.get(k) != v]
-    if wrong:
-        raise CheckpointError(f"{config_path}: shape does not match the training config: {', '.join(wrong)}")
-    base = cfg.replace(vocab_size=int(raw["vocab_size"]))
-    target = flatten(nn.meta.unbox(abstract_params(base)))
-    shardings = None if mesh is None else flatten(param_shardings(base, mesh))
-    params = unflatten(dream_keymap(base).load(open_source(path), target, dtype=np.float32, shardings=shardings))
+    params = load_dream_params(path, cfg, mesh)
     resize = functools.partial(resize_vocab, vocab_size=cfg.vocab_size)
     return jax.jit(resize, out_shardings=None if mesh is None else param_shardings(cfg, mesh))(params, key=key)
 
@@ -90,7 +78,5 @@ def initial_params(cfg: ml_collections.ConfigDict, model_cfg: DreamConfig, mesh:
         if model.speech is not None:
             params["audio_projection"] = model.speech.params["projector"]
         return params
-    from omnidiff_jax.train.trainer import load_run_params  # a previous stage's run folder
-
     shardings = None if mesh is None else {"dream": param_shardings(model_cfg, mesh)}
     return load_run_params(cfg.init.path, shardings=shardings)

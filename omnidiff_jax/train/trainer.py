@@ -1,5 +1,6 @@
-"""The training loop: a sharded, jitted train step with gradient accumulation, orbax checkpoints that survive a
-kill, and metrics (loss, per-task loss, lr, grad norm, tokens/s, MFU) to stdout and a JSONL file.
+"""The training loop: a sharded, jitted train step with gradient accumulation, resumed from the run's orbax
+checkpoints (`train.checkpoints`), with metrics (loss, per-task loss, lr, grad norm, tokens/s, MFU) to stdout and
+the metrics log (`train.metrics`).
 
 One step consumes `grad_accum` micro-batches of `micro_batch` packs each (the reference: 8 devices x 1 pack,
 16 accumulation steps = 128 packs per update):
@@ -17,34 +18,32 @@ data-iterator position; orbax writes it asynchronously into a temporary folder r
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import flax.struct
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from omnidiff_jax import sharding
 from omnidiff_jax.config import dream_config, token_layout
-from omnidiff_jax.files import write_text
-from omnidiff_jax.model import abstract_params
+from omnidiff_jax.model import param_shardings
+from omnidiff_jax.models import abstract_params
 from omnidiff_jax.models.dream import Dream, DreamConfig
-from omnidiff_jax.train import data
+from omnidiff_jax.train import checkpoints, data
+from omnidiff_jax.train.init import initial_params as default_params
 from omnidiff_jax.train.loss import SpeechEncoder, batch_loss
+from omnidiff_jax.train.metrics import MetricsLog, summary_line
 from omnidiff_jax.train.optim import frozen_norm, make_optimizer
+from omnidiff_jax.train.speech import speech_encoder_from_config
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +112,7 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def abstract_state(self) -> TrainState:
         """Shapes and dtypes of the state (trainable trees: "dream", plus the speech projector if any)."""
-        params = {"dream": nn.meta.unbox(abstract_params(self.model_cfg))}
+        params = {"dream": nn.meta.unbox(abstract_params(self.module, jnp.zeros((1, 8), jnp.int32)))}
         if self.speech is not None:
             dtype = self.model_cfg.param_dtype  # init_state casts every trainable tree to it
             params.update(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), self.speech.params))
@@ -125,7 +124,7 @@ class Trainer:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         abstract = self.abstract_state()
         params = jax.tree.map(lambda _: replicated, abstract.params)
-        params["dream"] = sharding.param_shardings(abstract_params(self.model_cfg), self.mesh)
+        params["dream"] = param_shardings(self.model_cfg, self.mesh)
         opt = optax.tree_map_params(self.tx, lambda _, s: s, abstract.opt_state, params,
                                     transform_non_params=lambda _: replicated)
         return TrainState(step=replicated, params=params, opt_state=opt, rng=replicated)
@@ -195,48 +194,25 @@ class Trainer:
                                      d.noise)
         return data.pack_iterator(sources, spec, corruption, d.seed, jax.process_index(), jax.process_count())
 
-    # ------------------------------------------------------------------ checkpoints
-    def checkpoint_manager(self) -> ocp.CheckpointManager:
-        """Asynchronous orbax checkpoints in `workdir`/checkpoints, keeping the last `keep_checkpoints`."""
-        t = self.cfg.train
-        options = ocp.CheckpointManagerOptions(max_to_keep=t.keep_checkpoints, enable_async_checkpointing=True,
-                                               create=True)
-        return ocp.CheckpointManager((self.workdir / "checkpoints").absolute(), options=options)
-
-    def save(self, manager: ocp.CheckpointManager, state: TrainState, data_state: dict) -> None:
-        """Starts an asynchronous save of `state` with the data position `data_state` (an iterator state taken
-        when exactly the packs of steps < state.step had been read)."""
-        manager.save(int(state.step), args=ocp.args.Composite(
-            state=ocp.args.PyTreeSave(state), data=grain.checkpoint.CheckpointSave(_Snapshot(data_state))))
-
-    def restore(self, manager: ocp.CheckpointManager, step: int, iterator: data.PackIterator) -> TrainState:
-        """The state saved at `step`, laid out on the mesh; `iterator` is moved to the saved data position."""
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              self.abstract_state(), self.state_shardings)
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target)),
-            data=grain.checkpoint.CheckpointRestore(iterator)))
-        return restored["state"]
-
     # ------------------------------------------------------------------ loop
     def run(self, initial_params=None, progress: bool = True) -> TrainState:
         """Trains to `train.steps`, resuming from the workdir's latest checkpoint if there is one.
 
         `initial_params` ({"dream": ...}) is used only on a fresh start; by default `cfg.init` decides."""
-        from omnidiff_jax.train.init import initial_params as default_params
-
         t = self.cfg.train
         self.workdir.mkdir(parents=True, exist_ok=True)
-        _write_config(self.workdir / "config.json", self.cfg)
+        checkpoints.write_config(self.workdir, self.cfg)
         iterator = self.data_iterator()
-        manager = self.checkpoint_manager()
+        manager = checkpoints.manager(self.workdir, t.keep_checkpoints)
         latest = manager.latest_step()
         if latest is None:
             if initial_params is None:
                 initial_params = default_params(self.cfg, self.model_cfg, self.mesh)
             state = self.init_state(initial_params)
         else:
-            state = self.restore(manager, latest, iterator)
+            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  self.abstract_state(), self.state_shardings)
+            state = checkpoints.restore(manager, latest, target, iterator)
             log.info("resumed from step %d", latest)
         start = int(state.step)
         metrics_log = MetricsLog(self.workdir / "metrics.jsonl", start)
@@ -257,11 +233,11 @@ class Trainer:
             record = self._record(step + 1, metrics, done, seconds, step_flops, peak, data_state)
             if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
                 metrics_log.write(record)
-                bar.write(" ".join(f"{k}={_short(v)}" for k, v in record.items() if not isinstance(v, dict)))
+                bar.write(summary_line(record))
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
             bar.update()
             if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
-                self.save(manager, state, data_state)
+                checkpoints.save(manager, state, data_state)
         bar.close()
         manager.wait_until_finished()
         manager.close()
@@ -280,131 +256,3 @@ class Trainer:
         if peak:
             record["mfu"] = step_flops / seconds / (peak * jax.device_count())
         return record
-
-
-def speech_encoder(speech, max_audios: int, max_frames: int) -> SpeechEncoder:
-    """Wraps a `speech_in.SpeechInput` (SenseVoice + projector weights): the encoder stays frozen (and runs
-    deterministically: the reference's dropout 0.1 in the frozen encoder is not reproduced), the projector
-    trains as `params["audio_projection"]`."""
-    from omnidiff_jax.speech_in import encode
-
-    def embed(params, frozen, feats, lengths, rng):
-        del rng
-        weights = {"encoder": frozen["encoder"], "projector": params["audio_projection"]}
-        return encode(weights, feats, lengths, speech.encoder, speech.projector)[0]
-
-    return SpeechEncoder(embed, {"audio_projection": speech.params["projector"]},
-                         {"encoder": speech.params["encoder"]}, max_audios, max_frames)
-
-
-def speech_input_from_config(cfg: ml_collections.ConfigDict):
-    """The `speech_in.SpeechInput` of `speech.path`: an Omni-Diffusion checkpoint (encoder and projector), or a
-    standalone SenseVoiceSmall (folder or model.pt beside am.mvn) with a fresh projector (Linear N(0, 0.02),
-    LayerNorm 1/0, as the reference initialises a missing one)."""
-    if not cfg.speech.path:
-        raise ValueError(f"data.max_audios is {cfg.data.max_audios}: user speech needs speech.path, a checkpoint "
-                         "with the SenseVoice encoder (an Omni-Diffusion folder or SenseVoiceSmall's model.pt)")
-    from omnidiff_jax.convert.sensevoice import load_sensevoice_small
-    from omnidiff_jax.convert.sources import open_source
-    from omnidiff_jax.model import load_speech
-    from omnidiff_jax.models import projector
-    from omnidiff_jax.models.sensevoice import SenseVoiceConfig
-    from omnidiff_jax.speech_in import SpeechInput
-
-    path = Path(cfg.speech.path)
-    if path.suffix == ".pt" or (path / "model.pt").exists():
-        encoder, cmvn = load_sensevoice_small(path)
-        proj_cfg = projector.ProjectorConfig.omni_diffusion(hidden_size=cfg.model.hidden_size)
-        params = {"encoder": encoder, "projector": projector.init_params(proj_cfg, cfg.init.seed)}
-        return SpeechInput(SenseVoiceConfig.small(), proj_cfg, params, cmvn)
-    raw = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
-    return load_speech(open_source(path), raw, dream_config(cfg))
-
-
-def speech_encoder_from_config(cfg: ml_collections.ConfigDict) -> SpeechEncoder:
-    """`speech_encoder` around `speech_input_from_config(cfg)`; a projector in the run's initial parameters
-    replaces the loaded one."""
-    return speech_encoder(speech_input_from_config(cfg), cfg.data.max_audios, cfg.data.max_audio_frames)
-
-
-def export_run(workdir: str | os.PathLike, dst: str | os.PathLike, step: int | None = None, force: bool = False,
-               tokenizer_path: str | None = None):
-    """Writes a run's latest (or given) checkpoint as a reference Hugging Face folder, through the converter's
-    exporter (`convert.omni.export_checkpoint`); a trained speech projector goes out with the encoder of the
-    run's `speech.path`. Returns the exporter's summary."""
-    from omnidiff_jax.convert.omni import export_checkpoint
-    from omnidiff_jax.model import OmniModel
-
-    cfg = ml_collections.ConfigDict(json.loads((Path(workdir) / "config.json").read_text()))
-    params = load_run_params(workdir, step)
-    speech = None
-    if "audio_projection" in params:
-        speech = speech_input_from_config(cfg)
-        speech = dataclasses.replace(speech, params={**speech.params, "projector": params["audio_projection"]})
-    model = OmniModel(dream_config(cfg), token_layout(cfg), params["dream"], tokenizer_path=tokenizer_path,
-                      speech=speech)
-    return export_checkpoint(model, dst, force=force)
-
-
-class _Snapshot:
-    """A frozen data-iterator state in the form grain's checkpoint handler accepts (JSON bytes)."""
-
-    def __init__(self, state: dict):
-        self.state = json.dumps(state).encode()
-
-    def get_state(self) -> bytes:
-        return self.state
-
-
-class MetricsLog:
-    """Appends one JSON line per logged step; on resume, drops lines past the restored step first."""
-
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            write_text(path, "".join(line + "\n" for line in kept))
-
-    def write(self, record: dict) -> None:
-        if jax.process_index() == 0:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def _short(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _write_config(path: Path, cfg: ml_collections.ConfigDict) -> None:
-    if jax.process_index() == 0:
-        write_text(path, cfg.to_json(indent=2))
-
-
-def load_run_params(workdir: str | os.PathLike, step: int | None = None, shardings: dict | None = None) -> dict:
-    """The trainable parameters ({"dream": ...}) of a run folder's latest (or given) complete checkpoint, e.g. to
-    start the next stage or to export. Reads only the parameters: as NumPy arrays, or as arrays laid out by
-    `shardings` (a tree over some of the saved top-level entries; the rest come back replicated)."""
-    folder = (Path(workdir) / "checkpoints").absolute()
-    # what read_only implies, said outright, so that orbax does not warn that it changes them
-    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
-    manager = ocp.CheckpointManager(folder, options=options,
-                                    item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                                                   "data": grain.checkpoint.CheckpointHandler()})
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{workdir}: no complete checkpoint under {folder}")
-    saved = manager.item_metadata(step)["state"]
-    saved = (saved.tree if hasattr(saved, "tree") else saved)["params"]
-    if shardings is None:
-        target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), saved)
-        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    else:
-        mesh = next(iter(jax.tree.leaves(shardings))).mesh
-        layout = {k: shardings.get(k, jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), v))
-                  for k, v in saved.items()}
-        target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), saved, layout)
-        args = ocp.checkpoint_utils.construct_restore_args(target)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore({"params": target}, {"params": args}, partial_restore=True)))
-    manager.close()
-    return restored["state"]["params"]

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from omnidiff_jax.config import dream_config, token_layout
 from omnidiff_jax.convert.dream import hf_config
-from omnidiff_jax.convert.omni import import_checkpoint
+from omnidiff_jax.checkpoint import import_checkpoint
 from omnidiff_jax.models.magvit import MagvitConfig
 
 from . import dream as dream_ref
