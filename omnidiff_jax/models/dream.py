@@ -149,7 +149,8 @@ class MLP(nn.Module):
             kernel_init=_init(_normal, *names))
         gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
         up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
-        h = constrain(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+        gate = nn.silu(gate.astype(jnp.float32)).astype(gate.dtype)  # rounded once, as torch's bf16 silu
+        h = constrain(gate * up, ("activation_batch", "activation_length", "activation_mlp"))
         return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(h)
 
 
