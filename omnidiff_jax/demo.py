@@ -181,7 +181,7 @@ def train_config(root: Path, steps: int) -> ml_collections.ConfigDict:
 def run(out: str | os.PathLike = "demo", steps: int = 1500, seed: int = 0, force: bool = False,
         progress: bool = True) -> dict:
     """Builds the world, trains, samples every task; returns {task: accuracy} and writes `out`/results.json."""
-    from omnidiff_jax import fbank
+    from omnidiff_jax import fbank, sharding
     from omnidiff_jax.model import OmniModel
     from omnidiff_jax.config import dream_config, token_layout
     from omnidiff_jax.models.projector import ProjectorConfig
@@ -224,7 +224,8 @@ def run(out: str | os.PathLike = "demo", steps: int = 1500, seed: int = 0, force
         prepare.prepare_source([root / f"{name}.jsonl"], Path(cfg.data.root) / src.path, layout, tokenizers,
                                shard_size=256, progress=False)
 
-    trainer = Trainer(cfg, speech=speech_encoder(speech, cfg.data.max_audios, cfg.data.max_audio_frames))
+    one_device = sharding.make_mesh(devices=jax.devices()[:1])  # the tiny model and its 4-pack batch: any host
+    trainer = Trainer(cfg, speech_encoder(speech, cfg.data.max_audios, cfg.data.max_audio_frames), one_device)
     trainer.run(progress=progress)
     trained = load_run_params(cfg.train.workdir)
     speech = SpeechInput(speech.encoder, speech.projector,

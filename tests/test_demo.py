@@ -5,6 +5,7 @@ answered all six exactly with seeds 0 and 1 when tuned; the bar leaves room for 
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from omnidiff_jax import demo
@@ -36,7 +37,6 @@ def test_world_and_grid_tokenizer_round_trip(tmp_path):
 
 def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "mine.txt").write_text("keep me")
-    import pytest
     with pytest.raises(FileExistsError, match="not a demo folder"):
         demo.run(tmp_path, steps=1, progress=False)
     assert (tmp_path / "mine.txt").read_text() == "keep me"
