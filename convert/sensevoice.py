@@ -4,7 +4,8 @@ Two checkpoint layouts hold them (Omni-Diffusion `modeling_dream.py` and FunASR 
 
 - the Omni-Diffusion checkpoint: `model.audio_model.model.<SenseVoice name>` and `model.audio_projection.*`,
   beside the LLM keys (which `convert.dream` maps);
-- a standalone SenseVoiceSmall folder: `model.pt` with the bare SenseVoice names, plus `am.mvn` (CMVN).
+- a standalone SenseVoiceSmall folder: `model.pt` (or a `model.safetensors` state dict) with the bare
+  SenseVoice names, plus `am.mvn` (CMVN).
 
 The CTC head (`ctc.ctc_lo.*`) is dropped with a logged reason: Omni-Diffusion never uses it. Linear weights are
 transposed; the depthwise FSMN conv [512, 1, 11] becomes a Flax kernel [11, 1, 512] (not flipped: both sides
@@ -112,16 +113,27 @@ def load_speech_encoder(source: Source | str | os.PathLike, encoder: SenseVoiceC
 
 def load_sensevoice_small(path: str | os.PathLike, config: SenseVoiceConfig = SenseVoiceConfig.small(),
                           dtype=None) -> tuple[dict, Cmvn]:
-    """A standalone SenseVoiceSmall: `path` is its folder (`model.pt` + `am.mvn`) or the `model.pt` itself, with
-    `am.mvn` beside it. Returns (encoder params, CMVN)."""
+    """A standalone SenseVoiceSmall, without a projector. Returns (encoder params, CMVN).
+
+    `path`: its released folder (`model.pt` + `am.mvn`), a folder holding `model.safetensors` + `am.mvn`, or
+    the weights file itself (`.pt` or a `.safetensors` state dict with the bare SenseVoice names) with `am.mvn`
+    beside it. The CTC head, if present, is dropped.
+    """
     path = Path(path)
-    weights = path / "model.pt" if path.is_dir() else path
-    mvn = weights.parent / "am.mvn"
+    if path.is_dir():
+        found = [path / name for name in ("model.safetensors", "model.pt") if (path / name).is_file()]
+        if not found:
+            raise CheckpointError(f"{path}: holds neither model.safetensors nor model.pt (SenseVoiceSmall weights)")
+        weights = found[0]
+    else:
+        weights = path
     if not weights.exists():
-        raise CheckpointError(f"{weights}: does not exist (expected SenseVoiceSmall's model.pt)")
+        raise CheckpointError(f"{weights}: does not exist (expected SenseVoiceSmall's model.pt or a safetensors "
+                              f"state dict)")
+    mvn = weights.parent / "am.mvn"
     if not mvn.exists():
         raise CheckpointError(f"{mvn}: does not exist (SenseVoiceSmall ships its CMVN statistics as am.mvn "
-                              f"beside model.pt)")
+                              f"beside its weights)")
     params = load_speech_encoder(weights, config, None, encoder_prefix="", dtype=dtype)
     return params["encoder"], read_am_mvn(mvn)
 

@@ -10,8 +10,9 @@ speech-to-image and spoken VQA enters Dream as continuous embeddings rather than
                                                                <|context_of_audio|> x (T_lfr + 4) <|end_of_audio|>
     inputs_embeds  = scatter_audio(embed(ids), embeds, positions)   overwrite the context slots
 
-`SpeechInput` holds the weights and runs the first three steps (`__call__`); `encode` is the pure function a
-jitted trainer step can call; `expand_audio_placeholders` and `scatter_audio` are shared by the sampler and
+`SpeechInput` holds the weights and runs the first three steps (`__call__`); without a projector (SenseVoice alone,
+`load_sensevoice`) it stops at the encoder's [N, T_lfr + 4, 512] output. `encode` is the pure function a jitted
+trainer step can call; `expand_audio_placeholders` and `scatter_audio` are shared by the sampler and
 the trainer. Placeholder positions are padded with -1 (nothing written) so they batch with static shapes.
 """
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from omnidiff_jax import fbank
 from omnidiff_jax.audio_io import AudioError, load_audio
-from omnidiff_jax.convert.sensevoice import load_speech_encoder
+from omnidiff_jax.convert.sensevoice import load_sensevoice_small, load_speech_encoder
 from omnidiff_jax.convert.sources import Source
 from omnidiff_jax.fbank import SENSEVOICE_CMVN, Cmvn
 from omnidiff_jax.models import projector as projector_lib
@@ -55,22 +56,28 @@ def load_wave(path: str | os.PathLike) -> np.ndarray:
 
 
 def encode(params: dict, feats: jax.Array, lengths: jax.Array, encoder: SenseVoiceConfig,
-           projector: ProjectorConfig) -> tuple[jax.Array, jax.Array]:
+           projector: ProjectorConfig | None) -> tuple[jax.Array, jax.Array]:
     """Features [N, T, 560] + lengths [N] -> (LLM-width embeddings [N, T+4, H], lengths + 4). Pure and jittable.
 
     params: `{"encoder": ..., "projector": ...}`. Rows past a clip's length are junk (never scattered).
+    projector None: the encoder's output [N, T+4, output_size] (params need no "projector").
     """
     x, out_lengths = SenseVoiceEncoder(encoder).apply({"params": params["encoder"]}, feats, lengths)
+    if projector is None:
+        return x, out_lengths
     return Projector(projector).apply({"params": params["projector"]}, x), out_lengths
 
 
 @dataclasses.dataclass
 class SpeechInput:
-    """The speech-input weights and front end. `speech(["a.wav", wave])` -> (embeddings, lengths)."""
+    """The speech-input weights and front end. `speech(["a.wav", wave])` -> (embeddings, lengths).
+
+    projector None: SenseVoice alone; the outputs are the encoder's [N, T+4, output_size].
+    """
 
     encoder: SenseVoiceConfig
-    projector: ProjectorConfig
-    params: dict  # {"encoder": ..., "projector": ...}
+    projector: ProjectorConfig | None
+    params: dict  # {"encoder": ..., "projector": ...} ("projector" absent without one)
     cmvn: Cmvn = SENSEVOICE_CMVN
 
     def features(self, audio: Sequence[str | os.PathLike | np.ndarray], dither: float = 0.0,
@@ -110,18 +117,31 @@ def init_speech_input(encoder: SenseVoiceConfig = SenseVoiceConfig.tiny(),
     return SpeechInput(encoder, projector, params)
 
 
+def _with_dtype(config, dtype: str | None):
+    return config if config is None or dtype is None else config.replace(dtype=dtype, param_dtype=dtype)
+
+
 def load_speech_input(source: Source | str | os.PathLike, encoder: SenseVoiceConfig = SenseVoiceConfig.small(),
-                      projector: ProjectorConfig = ProjectorConfig.omni_diffusion(), dtype: str | None = None,
+                      projector: ProjectorConfig | None = ProjectorConfig.omni_diffusion(), dtype: str | None = None,
                       cmvn: Cmvn = SENSEVOICE_CMVN) -> SpeechInput:
     """The speech-input weights of an Omni-Diffusion checkpoint (`model.audio_model.*`, `model.audio_projection.*`).
 
-    dtype: 'float32' or 'bfloat16' for parameters and compute (default: the configs' dtypes).
+    projector None: the encoder alone (the checkpoint's projector keys are ignored). dtype: 'float32' or
+    'bfloat16' for parameters and compute (default: the configs' dtypes); float32 is float32 end to end (see
+    `models.sensevoice`), bfloat16 the reference's numerics.
     """
-    if dtype is not None:
-        encoder = encoder.replace(dtype=dtype, param_dtype=dtype)
-        projector = projector.replace(dtype=dtype, param_dtype=dtype)
+    encoder, projector = _with_dtype(encoder, dtype), _with_dtype(projector, dtype)
     params = load_speech_encoder(source, encoder, projector, dtype=encoder.param_dtype)
     return SpeechInput(encoder, projector, params, cmvn)
+
+
+def load_sensevoice(path: str | os.PathLike, encoder: SenseVoiceConfig = SenseVoiceConfig.small(),
+                    dtype: str | None = None) -> SpeechInput:
+    """A standalone SenseVoiceSmall as a `SpeechInput` without a projector: its released folder (`model.pt` +
+    `am.mvn`), a folder with `model.safetensors` + `am.mvn`, or the weights file with `am.mvn` beside it."""
+    encoder = _with_dtype(encoder, dtype)
+    params, cmvn = load_sensevoice_small(path, encoder, dtype=encoder.param_dtype)
+    return SpeechInput(encoder, None, {"encoder": params}, cmvn)
 
 
 # --------------------------------------------------------------------------------------------------- placeholders
@@ -181,5 +201,5 @@ def scatter_audio(embeds: jax.Array, features: jax.Array, positions: jax.Array,
     return embeds.at[batch, target].set(features[:, :s].astype(embeds.dtype), mode="drop")
 
 
-__all__ = ["SpeechInput", "encode", "load_wave", "init_speech_input", "load_speech_input",
+__all__ = ["SpeechInput", "encode", "load_wave", "init_speech_input", "load_speech_input", "load_sensevoice",
            "expand_audio_placeholders", "scatter_audio", "AUDIO_PROMPT_TOKENS"]

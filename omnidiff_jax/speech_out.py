@@ -7,9 +7,14 @@ An utterance of N codes becomes 256 * mel_frames(N) samples (about 1764 per code
 by code-length bucket (N rounded up by at most 25%), and each group runs as one batch through the jitted flow and
 vocoder, which compile once per (batch size, bucket). Padding is masked exactly, so an utterance's waveform does not
 depend on its bucket or batch-mates: utterance i draws its randomness from fold_in(key(seed), i), and the noise is
-drawn frame by frame. The reference (GLM-4-Voice `flow_matching.py`) seeds torch with 42 instead; to reproduce it, pass
-its noise: `SpeechDecoder.mel(codes, noise=...)` takes the flow's starting noise z, `.vocode(..., source=...)` the
-vocoder's harmonic source signal.
+drawn frame by frame. The reference (GLM-4-Voice `flow_matching.py`) seeds torch with 42 instead; to reproduce it
+or any other implementation, pass its noise in the reference's layout: `SpeechDecoder.mel(codes, noise=...)` takes
+the flow's starting noise z ([80, frames] per utterance: CFM's `randn_like(mu)`), `.vocode(..., phases=...,
+noise=...)` the sine generator's draws ([9] initial phases, `phase_vec`, whose first is ignored, and [9, 256 frames]
+standard normal noise, `randn_like(sine_waves)`), or `.vocode(..., source=...)` the finished harmonic source.
+
+The reference never calls `.eval()` on the decoder, so its flow encoder runs with dropout 0.1 at inference and its
+output is random from run to run even with the same noise; ours runs in eval mode and is deterministic.
 """
 
 from __future__ import annotations
@@ -156,8 +161,8 @@ class SpeechDecoder:
     def mel(self, codes, *, keys=None, noise=None) -> tuple[jax.Array, np.ndarray]:
         """Mel spectrograms of a batch: ([B, T, C] padded to the bucket's frame count, each row's frame count).
 
-        Exactly one of `keys` ([B] JAX keys) or `noise` (per utterance a [frames_i, C] array: the solver's starting
-        point, e.g. the reference's z transposed).
+        Exactly one of `keys` ([B] JAX keys) or `noise` (per utterance a [C, frames_i] array in the reference's
+        layout: the solver's starting point, CFM's z = randn_like(mu)[0]).
         """
         rows = check_codes(codes, self.flow_config.vocab_size)
         if (keys is None) == (noise is None):
@@ -170,31 +175,49 @@ class SpeechDecoder:
             z = _flow_noise(self.flow_config, keys, t)
         else:
             shapes = [np.shape(z) for z in noise]
-            want = [(int(f), self.flow_config.output_size) for f in frames]
+            want = [(self.flow_config.output_size, int(f)) for f in frames]
             if shapes != want:
-                raise ValueError(f"noise shapes {shapes} do not match the utterances' [frames, mel bins] {want}")
-            z = _pad_rows(noise, t)
+                raise ValueError(f"noise shapes {shapes} do not match the utterances' [mel bins, frames] {want}")
+            z = _pad_rows([np.transpose(z) for z in noise], t)
         mel = _flow_mel(self.flow_config, self.flow_params, _pad_rows(rows, n).astype(np.int32), lengths,
                         np.arange(t)[None] < frames[:, None], z)
         return mel, frames
 
-    def vocode(self, mel, frame_lengths, *, keys=None, source=None) -> np.ndarray:
+    def vocode(self, mel, frame_lengths, *, keys=None, phases=None, noise=None, source=None) -> np.ndarray:
         """Waveforms [B, 256 T] of mel [B, T, C]; row b is valid for 256 * frame_lengths[b] samples.
 
-        Exactly one of `keys` ([B] JAX keys for the sine phases and noise) or `source` (per utterance the harmonic
-        source signal, [256 frame_lengths_i], e.g. the reference's).
+        The sine generator's randomness comes from one of: `keys` ([B] JAX keys); `phases` and `noise` in the
+        reference's layout (per utterance [H] initial phases, H = 9 harmonics, the first ignored, and [H, 256
+        frame_lengths_i] standard normal noise: SineGen's `phase_vec[:, :, 0]` and `randn_like(sine_waves)`); or
+        `source` (per utterance the finished harmonic source signal, [256 frame_lengths_i]).
         """
         cfg = self.hift_config
         frame_lengths = np.asarray(frame_lengths, np.int32)
-        if (keys is None) == (source is None):
-            raise ValueError("give exactly one of keys or source")
-        if source is None:
+        given = [x for x in (keys, phases, source) if x is not None]
+        if len(given) != 1 or (phases is None) != (noise is None):
+            raise ValueError("give exactly one of keys, phases with noise, or source")
+        if keys is not None:
             phases, noise = _source_randomness(cfg, keys, mel.shape[1])
+            wave = _vocode(cfg, self.hift_params, mel, frame_lengths, phases, noise)
+        elif phases is not None:
+            phases, noise = self._reference_draws(phases, noise, frame_lengths, mel.shape[1])
             wave = _vocode(cfg, self.hift_params, mel, frame_lengths, phases, noise)
         else:
             s = _pad_rows([np.asarray(x, np.float32) for x in source], mel.shape[1] * cfg.samples_per_frame)
             wave = _vocode_source(cfg, self.hift_params, mel, frame_lengths, s)
         return np.asarray(wave)
+
+
+    def _reference_draws(self, phases, noise, frame_lengths: np.ndarray, frames: int):
+        """Per-utterance phases [H] and noise [H, 256 f_b] -> our layout: phases [B, H], noise [B, T, 256, H]."""
+        hop, h = self.hift_config.samples_per_frame, self.hift_config.harmonics
+        want = [((h,), (h, hop * int(f))) for f in frame_lengths]
+        got = [(np.shape(p), np.shape(n)) for p, n in zip(phases, noise)]
+        if len(phases) != len(frame_lengths) or len(noise) != len(frame_lengths) or got != want:
+            raise ValueError(f"phases and noise shapes {got} do not match the utterances' ([harmonics], "
+                             f"[harmonics, samples]) {want}")
+        per_frame = [np.asarray(n, np.float32).reshape(h, -1, hop).transpose(1, 2, 0) for n in noise]
+        return np.asarray(phases, np.float32), _pad_rows(per_frame, frames)
 
 
 def _row_keys(seed: int, rows: Sequence[int], stream: int):

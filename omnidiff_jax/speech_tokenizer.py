@@ -108,7 +108,9 @@ def log_mel(waves: Sequence[np.ndarray], length: int | None = None, num_mels: in
 class SpeechTokenizer:
     """The GLM-4-Voice tokenizer with its weights. `tokenize` takes any number of clips of any length.
 
-    batch_size: segments per device call (rounded up to a multiple of the mesh's data-parallel size).
+    batch_size: at most this many segments per device call (rounded up to a multiple of the mesh's data-parallel
+    size). A call with fewer segments runs at its own size, so one clip under 30 s is a batch of 1 (each new
+    size compiles once).
     mesh: run data-parallel on it (parameters replicated, segments split over its data and fsdp axes; one
     process: each host of a multi-host job tokenizes its own share of a corpus with its local devices).
     """
@@ -122,8 +124,7 @@ class SpeechTokenizer:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.mesh is not None:
-            ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-            self.batch_size = -(-self.batch_size // ways) * ways
+            self.batch_size = -(-self.batch_size // self._ways) * self._ways
             self.params = jax.device_put(self.params, NamedSharding(self.mesh, PartitionSpec()))
 
     @classmethod
@@ -131,6 +132,11 @@ class SpeechTokenizer:
         """From the THUDM/glm-4-voice-tokenizer folder (config.json + model.safetensors), or a weights file in it."""
         config, params = load_checkpoint(path)
         return cls(config, params, mesh, batch_size)
+
+    @property
+    def _ways(self) -> int:
+        """How many ways a batch is split (the mesh's data x fsdp; 1 without a mesh)."""
+        return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
     @property
     def samples_per_code(self) -> int:
@@ -161,13 +167,14 @@ class SpeechTokenizer:
         segments = [(i, start) for i, clip in enumerate(clips) for start in range(0, len(clip), CHUNK_SAMPLES)]
         seg_len = lambda s: min(CHUNK_SAMPLES, len(clips[s[0]]) - s[1])  # noqa: E731
         order = sorted(segments, key=seg_len, reverse=True)  # similar lengths share a batch
+        rows = min(self.batch_size, -(-len(order) // self._ways) * self._ways)
         pending = []
-        for first in range(0, len(order), self.batch_size):
-            batch = order[first:first + self.batch_size]
+        for first in range(0, len(order), rows):
+            batch = order[first:first + rows]
             pieces = [clips[i][start:start + CHUNK_SAMPLES] for i, start in batch]
             length = min(CHUNK_SAMPLES, padded_length(len(pieces[0]), BUCKET_SAMPLES))
             mel, valid = log_mel(pieces, length, self.config.num_mel_bins, self.samples_per_code)
-            filler = ((0, self.batch_size - len(batch)),)  # empty rows keep the batch shape fixed
+            filler = ((0, rows - len(batch)),)  # empty rows keep the batch shape fixed
             codes = self._encode(self.params, np.pad(mel, filler + ((0, 0),) * 2), np.pad(valid, filler + ((0, 0),)))
             pending.append((batch, pieces, codes))  # dispatched asynchronously: the next batch's log-mel overlaps
         found = {}

@@ -21,7 +21,7 @@ from omnidiff_jax.convert.sensevoice import load_sensevoice_small, speech_keymap
 from omnidiff_jax.convert.sources import CheckpointError
 from omnidiff_jax.models.projector import ProjectorConfig
 from omnidiff_jax.models.sensevoice import SenseVoiceConfig, position_table
-from omnidiff_jax.speech_in import (expand_audio_placeholders, load_speech_input, load_wave,
+from omnidiff_jax.speech_in import (expand_audio_placeholders, load_sensevoice, load_speech_input, load_wave,
                                     scatter_audio)
 from omnidiff_jax.vocab import TokenLayout
 from torch_ref import sensevoice as ref
@@ -183,10 +183,10 @@ def reference(tmp_path_factory):
     standalone.mkdir()
     torch.save(sv.state_dict(), standalone / "model.pt")
     write_am_mvn(standalone / "am.mvn", fbank.SENSEVOICE_CMVN.shift, fbank.SENSEVOICE_CMVN.scale)
-    speech = load_speech_input(folder / "model.safetensors", SenseVoiceConfig.tiny(position_encoding="float32"),
-                               ProjectorConfig.tiny())
+    speech = load_speech_input(folder / "model.safetensors", SenseVoiceConfig.tiny(), ProjectorConfig.tiny())
     rng = np.random.default_rng(0)
-    feats = [rng.standard_normal((n, 560)).astype(np.float32) for n in LENGTHS]
+    # bf16-representable: the reference's AudioEncoder rounds its input to bf16, our float32 mode takes it as is
+    feats = [rng.standard_normal((n, 560)).astype(ml_dtypes.bfloat16).astype(np.float32) for n in LENGTHS]
     return dict(sv=sv, proj=proj, state=state, folder=folder, standalone=standalone, speech=speech, feats=feats)
 
 
@@ -209,7 +209,7 @@ def test_bf16_matches_reference_within_bf16_noise(reference):
     feats = [np.random.default_rng(1).standard_normal((n, 560)).astype(np.float32) for n in (290, 100)]
     speech = load_speech_input(r["folder"] / "model.safetensors", SenseVoiceConfig.tiny(),
                                ProjectorConfig.tiny(), dtype="bfloat16")
-    assert speech.encoder.position_encoding == "bf16"
+    assert speech.encoder.bf16_positions  # the reference's table, as bf16 implies
     ours, _ = speech.embed(padded(feats), [290, 100])
     assert ours.dtype == jnp.bfloat16
     with torch.no_grad():
@@ -257,6 +257,31 @@ def test_standalone_sensevoice_and_export_round_trip(reference, caplog):
         np.testing.assert_array_equal(value, expected[key].numpy(), err_msg=key)
 
 
+def test_sensevoice_alone_from_a_safetensors_state_dict_in_float32(reference, tmp_path):
+    """SenseVoice without a projector, from a folder holding a safetensors state dict + am.mvn, float32 end to
+    end: unrounded features and the exact position table give the float32 reference's encoder output."""
+    r = reference
+    folder = tmp_path / "sensevoice"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in r["sv"].state_dict().items()}, folder / "model.safetensors")
+    write_am_mvn(folder / "am.mvn", fbank.SENSEVOICE_CMVN.shift, fbank.SENSEVOICE_CMVN.scale)
+    speech = load_sensevoice(folder, SenseVoiceConfig.tiny(), dtype="float32")
+    assert speech.projector is None and set(speech.params) == {"encoder"}
+    assert not speech.encoder.bf16_positions and SenseVoiceConfig.tiny(dtype="bfloat16").bf16_positions
+    feats = [np.random.default_rng(3).standard_normal((n, 560)).astype(np.float32) for n in (9, 5)]
+    ours, lengths = speech.embed(padded(feats), [9, 5])
+    assert ours.shape == (2, 13, 32) and ours.dtype == jnp.float32 and lengths.tolist() == [13, 9]
+    with torch.no_grad():  # inference_encode on float32 features: AudioEncoder's bf16 rounding skipped
+        theirs, _ = r["sv"].inference_encode(torch.from_numpy(padded(feats)), torch.tensor([9, 5]))
+    for k, n in enumerate((9, 5)):
+        np.testing.assert_allclose(ours[k, :n + 4], theirs[k, :n + 4].numpy(), rtol=1e-5, atol=1e-5)
+    rounded = speech.embed(padded(feats).astype(ml_dtypes.bfloat16).astype(np.float32), [9, 5])[0]
+    assert rel(rounded[0, :13], theirs[0, :13].numpy()) > 1e-4  # so the features really were not rounded
+    without = load_speech_input(r["folder"] / "model.safetensors", SenseVoiceConfig.tiny(), None)
+    assert without.projector is None and set(without.params) == {"encoder"}
+    np.testing.assert_array_equal(without.embed(padded(feats), [9, 5])[0], ours)
+
+
 def test_converter_reports_bad_checkpoints(reference, tmp_path):
     state = dict(reference["state"])
     del state["model.audio_model.model.encoder.tp_norm.bias"]
@@ -272,6 +297,9 @@ def test_converter_reports_bad_checkpoints(reference, tmp_path):
     torch.save(reference["sv"].state_dict(), tmp_path / "empty" / "model.pt")
     with pytest.raises(CheckpointError, match="am.mvn"):
         load_sensevoice_small(tmp_path / "empty", SenseVoiceConfig.tiny())
+    (tmp_path / "none").mkdir()
+    with pytest.raises(CheckpointError, match="neither model.safetensors nor model.pt"):
+        load_sensevoice_small(tmp_path / "none", SenseVoiceConfig.tiny())
 
 
 # --------------------------------------------------------------------------------------------------- placeholders

@@ -71,7 +71,7 @@ def flow_outputs(ref, decoder, codes):
     for c in codes:
         mels.append(flow.inference(c[None])[0])
         torch.manual_seed(42)  # the reference's z: randn_like(mu) right after manual_seed(42)
-        noise.append(torch.randn(1, MEL, mels[-1].shape[-1])[0].numpy().T)
+        noise.append(torch.randn(1, MEL, mels[-1].shape[-1])[0].numpy())  # [80, frames], as the reference's
     ours, frames = decoder.mel([c.numpy() for c in codes], noise=noise)
     return mels, np.asarray(ours), frames
 
@@ -230,6 +230,30 @@ def test_hift_with_reference_source_batched_and_padded(ref, decoder, flow_output
 
 
 # ------------------------------------------------------------------------------------------------ end to end
+
+def test_reference_noise_reproduces_the_reference(ref, decoder, codes):
+    """The reference's own draws, injected in its layout (CFM's z [80, T]; SineGen's phases [9] and noise
+    [9, 256 T]), give the reference's waveform."""
+    flow, hift, _ = ref
+    c = codes[1]
+    mel_ref = flow.inference(c[None])  # seeds torch with 42 and draws z = randn_like(mu) [1, 80, T]
+    frames = mel_ref.shape[-1]
+    torch.manual_seed(42)
+    z = torch.randn(1, MEL, frames)[0].numpy()
+    torch.manual_seed(3)
+    wave_ref, _ = hift(mel_ref)
+    torch.manual_seed(3)  # replay SineGen: the initial phases, then the noise
+    phases = torch.distributions.Uniform(-np.pi, np.pi).sample((1, 9, 1))[0, :, 0].numpy()
+    noise = torch.randn(1, 9, 256 * frames)[0].numpy()
+    mel, lengths = decoder.mel([c.numpy()], noise=[z])
+    wave = decoder.vocode(mel, lengths, phases=[phases], noise=[noise])
+    assert lengths[0] == frames and np.abs(wave_ref.numpy()).max() < 0.99
+    assert rel(wave[0, :256 * frames], wave_ref[0].numpy()) < 1e-3
+    with pytest.raises(ValueError, match="phases and noise shapes"):
+        decoder.vocode(mel, lengths, phases=[phases], noise=[noise[:, :-1]])
+    with pytest.raises(ValueError, match="exactly one of keys, phases with noise, or source"):
+        decoder.vocode(mel, lengths, phases=[phases])
+
 
 def test_decode_speech_is_seeded_and_independent_of_batch_mates(decoder, codes):
     a, c = (x.numpy() for x in codes)

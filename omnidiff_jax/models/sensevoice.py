@@ -1,7 +1,7 @@
 """The SenseVoice-Small encoder (FunASR `SenseVoiceEncoderSmall` + the 4 prompt rows of `SenseVoiceSmall`), in Flax.
 
-Follows Omni-Diffusion `modeling_sensevoice.py` (FunASR SenseVoiceSmall). Input: LFR + CMVN features [N, T, 560] (rounded to bf16 first, as the
-reference's `AudioEncoder` does) and their lengths. Output: [N, T+4, 512] and lengths T+4:
+Follows Omni-Diffusion `modeling_sensevoice.py` (FunASR SenseVoiceSmall). Input: LFR + CMVN features [N, T, 560]
+and their lengths. Output: [N, T+4, 512] and lengths T+4:
 
     x = concat(embed[0, 1, 2, 15], feats)          language "auto", event, emotion, "woitn" prompt rows
     x = x * √512 + PE(positions 1 .. T+4)           sinusoidal, 280 sin dims then 280 cos dims
@@ -15,11 +15,15 @@ reference's `AudioEncoder` does) and their lengths. Output: [N, T+4, 512] and le
               linear_out(softmax(q·kᵀ/√d_k, keys masked)·v) + fsmn
 
 `m` is the length mask: padded keys get no attention weight and padded frames enter the FSMN as zeros, so every
-clip in a batch gets what it would get alone, up to float rounding (padded rows of the output are junk). LayerNorms run in fp32
-with eps 1e-5 and cast back. The reference runs in bf16 and builds its position table in bf16, rounding after
-every op; `position_encoding="bf16"` reproduces that table bit for bit (the distribution the LLM was trained on),
-`"float32"` is the exact table. Dropout (rate 0.1 in the reference's `config.yaml`, active in its fine-tuning) is not modelled: the
-encoder is frozen and runs deterministically. Encoder blocks are scanned (parameters stacked on a leading axis).
+clip in a batch gets what it would get alone, up to float rounding (padded rows of the output are junk). LayerNorms
+run in fp32 with eps 1e-5 and cast back; linear layers round once, as PyTorch's (`layers.Dense`).
+
+Numerics follow `dtype`. bfloat16 is the reference's run: the features are rounded to bf16 (as its `AudioEncoder`
+does) and the position table is built in bf16, rounding after every op, bit for bit (the distribution the LLM was
+trained on). float32 is float32 end to end: features as given, the exact table. `position_encoding` ("bf16" or
+"float32") overrides the table alone. Dropout (rate 0.1 in the reference's `config.yaml`, active in its
+fine-tuning) is not modelled: the encoder is frozen and runs deterministically. Encoder blocks are scanned
+(parameters stacked on a leading axis).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ class SenseVoiceConfig:
     kernel_size: int = 11  # FSMN memory, centred (sanm_shift 0)
     num_embed: int = 16  # rows of the prompt table `embed`
     prompt_rows: tuple[int, ...] = (0, 1, 2, 15)  # language auto, event, emotion, text norm "woitn"
-    position_encoding: str = "bf16"  # "bf16": the reference's rounded table; "float32": exact
+    position_encoding: str = "auto"  # "bf16": the reference's rounded table; "float32": exact; "auto": as dtype
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "bfloat16"
 
@@ -67,8 +71,8 @@ class SenseVoiceConfig:
                              f"{self.num_blocks} and {self.tp_blocks}")
         if not all(0 <= r < self.num_embed for r in self.prompt_rows):
             raise ValueError(f"prompt_rows {self.prompt_rows} must index the {self.num_embed}-row embed table")
-        if self.position_encoding not in ("bf16", "float32"):
-            raise ValueError(f"position_encoding must be 'bf16' or 'float32', got {self.position_encoding!r}")
+        if self.position_encoding not in ("auto", "bf16", "float32"):
+            raise ValueError(f"position_encoding must be 'auto', 'bf16' or 'float32', got {self.position_encoding!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16"):
                 raise ValueError(f"{name} must be float32 or bfloat16, got {getattr(self, name)!r}")
@@ -84,6 +88,11 @@ class SenseVoiceConfig:
         base = dict(output_size=32, num_heads=2, linear_units=64, num_blocks=3, tp_blocks=2, dtype="float32",
                     param_dtype="float32")
         return cls(**{**base, **changes})
+
+    @property
+    def bf16_positions(self) -> bool:
+        """Whether the position table is the reference's bf16 one ("auto": when computing in bf16)."""
+        return self.position_encoding == "bf16" or (self.position_encoding == "auto" and self.dtype == "bfloat16")
 
     @property
     def num_prompts(self) -> int:
@@ -224,12 +233,12 @@ class SenseVoiceEncoder(nn.Module):
         embed = self.param("embed", nn.initializers.normal(1.0), (cfg.num_embed, cfg.input_size), cfg.param_dtype)
         prompts = jnp.broadcast_to(embed[np.array(cfg.prompt_rows)].astype(cfg.dtype),
                                    (n, cfg.num_prompts, cfg.input_size))
-        x = jnp.concatenate([prompts, feats.astype(jnp.bfloat16).astype(cfg.dtype)], axis=1)
+        x = jnp.concatenate([prompts, feats.astype(cfg.dtype)], axis=1)  # bf16: rounded, as the reference's
         lengths = lengths.astype(jnp.int32) + cfg.num_prompts
         mask = jnp.arange(x.shape[1])[None, :] < lengths[:, None]  # [N, T+4]
 
         x = scale(x, math.sqrt(cfg.output_size))
-        pe = position_table(x.shape[1], cfg.input_size, cfg.position_encoding == "bf16")
+        pe = position_table(x.shape[1], cfg.input_size, cfg.bf16_positions)
         x = x + jnp.asarray(pe, cfg.dtype)
 
         stack = lambda count, name: nn.scan(  # noqa: E731  `count` blocks, parameters stacked
