@@ -48,7 +48,7 @@ TASK_LENGTHS = {"t2i": 24, "s2i": 24, "vqa": 12, "asr": 12, "tts": 14, "svqa": 1
 # the tie goes to the leftmost, so the canvas fills left to right like a language model copying the pattern so far
 # (a tiny model then miscounts a repeating grid); the true entropies commit the surest positions anywhere first.
 # No CFG: the demo never trains the unconditional prompt.
-PLAIN = {"alg": "entropy", "top_p": None, "cfg": 0.0, "repeat_penalty": 1.0, "max_position_penalty": 1.0}
+PLAIN = {"alg": "entropy", "top_p": None, "cfg_scale": 0.0, "repeat_penalty": 1.0, "max_position_penalty": 1.0}
 RECORDINGS = 8  # voice recordings per concept in the training data (evaluation uses fresh ones)
 
 
@@ -121,7 +121,8 @@ def chat(task: str, answer: str, text: str | None = None) -> list[dict]:
     user content (`tasks.task_content`), then the assistant's answer."""
     system = PRESETS[task].system
     return ([{"role": "system", "content": system}] if system is not None else []) + [
-        {"role": "user", "content": task_content(task, text)}, {"role": "assistant", "content": answer}]
+        {"role": "user", "content": task_content(PRESETS[task].content, text)},
+        {"role": "assistant", "content": answer}]
 
 
 def records(concepts: list[Concept], media: Path, recordings: int, rng: np.random.RandomState) -> dict[str, list]:

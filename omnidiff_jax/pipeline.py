@@ -1,73 +1,92 @@
-"""Any-to-any generation: one object that holds every component and runs requests of the six tasks.
+"""Any-to-any generation: one object that holds every component and runs requests of every task.
 
     pipe = Pipeline.load("ckpt", image_tokenizer="magvitv2", speech_decoder="glm-4-voice-decoder")
     [result] = pipe.run([{"task": "t2i", "text": "a red apple"}])
     result["image"]        # uint8 [256, 256, 3]
 
-A request is a dict: `task`, the inputs the task needs (`text`, `image` path, `audio` path), and optional
-overrides of any `TaskPreset` field (`steps`, `gen_length`, `alg`, `cfg`, `adaptive`, ...) plus `seed`,
-`cfg_compat`, `block_size`, `prefix_cache`. Requests that share sampler settings run as one batch (the sampler
-buckets lengths internally); a request that fails (missing file, wrong input kind, over-long prompt) gets an
-`error` and the rest of the batch still completes.
+A request is a dict (`omnidiff_jax.request`): `task`, the inputs it needs (`text`, `image` path, `audio` path, or
+`prompt_ids` for plain text), and optional overrides of any `TaskPreset` field plus sampler options.
 
-A result holds `text`, `ids` (the generated region), `audio_codes`, `image_codes`, `image` (uint8 HWC) or None,
-`wav` (float32 at `sample_rate`) or None, and `warnings` (e.g. an image code count that had to be repaired).
+Every request is isolated from the others:
+  - it is checked on its own (the type and value of every field, its files, its prompt's length) before any runs;
+  - requests that share sampler settings then run as one batch; a batch that fails (a bad value the checks did not
+    catch, out of memory, any error inside the sampler) is run again row by row, so a failure stays with its
+    request and never changes another request's result;
+  - `stream` yields each result as soon as it is finished, so a caller writes it before the next batch runs.
+Over-long prompts are refused up front: prompt + generation must fit the model's positions, and the estimated
+device memory of the sampler step (`step_bytes`) must fit the device's free memory; a batch whose estimate does
+not fit is split.
+
+A result holds `task`, `id`, `prompt_ids`, `ids` (the generated region), `text` (None without a tokenizer),
+`audio_codes`, `image_codes`, `image` (uint8 HWC) or None, `wav` (float32 at `sample_rate`) or None, `warnings`
+(e.g. an image code count that had to be repaired) and `error` (None, or one line naming the request and what
+went wrong).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterator, Sequence
 
+import jax
 import numpy as np
 
 from omnidiff_jax import adaptive_length, sampler
-from omnidiff_jax.jsonl import parse_object
-from omnidiff_jax.model import OmniModel, load_model
-from omnidiff_jax.tasks import (INPUTS, PRESETS, TASKS, TaskPreset, build_prompt, fit_image_codes, split_output,
-                                task_content)
+from omnidiff_jax.checkpoint import load_model
+from omnidiff_jax.model import OmniModel
+from omnidiff_jax.models.dream import DreamConfig
+from omnidiff_jax.request import Request, RequestError, check_request
+from omnidiff_jax.sampler import Prompt
+from omnidiff_jax.tasks import build_prompt, fit_image_codes, split_output, task_content
 from omnidiff_jax.text_tokenizer import ByteTokenizer, HFTokenizer, TextTokenizer
+
+log = logging.getLogger(__name__)
 
 GENERATED_IMAGE_CODES = 256  # a 256 x 256 image: 16 x 16 codes (Omni-Diffusion `tools/inference.py`)
 USER_IMAGE_SIZE = 512  # user images are encoded at 512 x 512 -> 1024 codes
-SAMPLER_OPTIONS = ("seed", "cfg_compat", "block_size", "prefix_cache", "alg_temp")
-
-
-class RequestError(ValueError):
-    """A request that cannot run; the message names the request and the problem."""
 
 
 @dataclasses.dataclass
-class _Ready:
-    """A request turned into a sampler row."""
+class _Job:
+    """A checked request turned into a sampler row."""
 
-    index: int
-    task: str
-    preset: TaskPreset
-    prompt: sampler.Prompt
-    uncond: sampler.Prompt | None
-    options: dict
+    request: Request
+    prompt: Prompt
+    uncond: Prompt | None  # the unconditional prompt of classifier-free guidance
+    gen_length: int
+    steps: int
+    settings: dict  # the other keyword arguments of `sampler.sample`: the same for every row of a batch
+
+    @property
+    def group(self) -> tuple:
+        return tuple(sorted(self.settings.items()))
 
 
 @dataclasses.dataclass
 class Pipeline:
-    """The LLM plus the optional modality components. Missing components make only the tasks that need them fail.
+    """The LLM plus the optional modality components. Missing components make only the requests that need them fail.
 
+    tokenizer: the text tokenizer, or None (then only requests given as `prompt_ids` run, and no text is decoded).
     image_tokenizer: a MAGVIT-v2 `ImageTokenizer` (image inputs and outputs). speech_decoder: the GLM-4-Voice
     `SpeechDecoder` (speech outputs; without it, speech codes are returned but no waveform). The speech *input*
     encoder travels inside the Omni-Diffusion checkpoint (`model.speech`).
     """
 
     model: OmniModel
-    tokenizer: TextTokenizer
+    tokenizer: TextTokenizer | None
     image_tokenizer: object | None = None
     speech_decoder: object | None = None
     batch_size: int = 8
     seed: int = 0
     generated_image_codes: int = GENERATED_IMAGE_CODES  # codes of one generated image (a square)
     user_image_size: int = USER_IMAGE_SIZE
+
+    def __post_init__(self):
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
 
     @classmethod
     def load(cls, model: str | os.PathLike | OmniModel, *, image_tokenizer: str | os.PathLike | None = None,
@@ -87,121 +106,156 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------ running
 
-    def run(self, requests: Sequence[dict], progress: Callable[[int], None] | None = None) -> list[dict]:
-        """Runs every request; returns one result per request, in order. `progress(n)` after each batch of n."""
+    def run(self, requests: Sequence[dict]) -> list[dict]:
+        """Runs every request; returns one result per request, in order."""
         results: list[dict | None] = [None] * len(requests)
-        ready: list[_Ready] = []
-        for i, request in enumerate(requests):
-            try:
-                ready.append(self._prepare(i, request))
-            except (ValueError, OSError) as e:
-                results[i] = _failed(request, e)
-                if progress:
-                    progress(1)
-        groups: dict[tuple, list[_Ready]] = {}
-        for r in ready:
-            groups.setdefault(_group_key(r), []).append(r)
-        for rows in groups.values():
-            for start in range(0, len(rows), self.batch_size):
-                batch = rows[start:start + self.batch_size]
-                try:
-                    outputs = self._sample(batch)
-                except ValueError as e:  # e.g. a prompt beyond the model's maximum length
-                    for r in batch:
-                        results[r.index] = _failed(requests[r.index], e)
-                else:
-                    for r, ids in zip(batch, outputs):
-                        results[r.index] = self._finish(requests[r.index], r, ids)
-                if progress:
-                    progress(len(batch))
+        for index, result in self.stream(requests):
+            results[index] = result
         return results  # type: ignore[return-value]
+
+    def stream(self, requests: Sequence[dict]) -> Iterator[tuple[int, dict]]:
+        """Runs every request and yields (index, result) as each is finished: first the requests that fail their
+        checks, then batch by batch. Every request gets exactly one result."""
+        jobs = []
+        for index, request in enumerate(requests):
+            try:
+                jobs.append(self._prepare(check_request(request, index)))
+            except Exception as e:  # noqa: BLE001 -- whatever goes wrong stays with this request
+                yield index, _failed(request, index, e)
+        for batch in self._batches(jobs):
+            yield from self._run_batch(batch, requests)
 
     def __call__(self, task: str, **request) -> dict:
         """One request: `pipe("vqa", text="What is in the image?", image="cat.png")`."""
         [result] = self.run([{"task": task, **request}])
-        if result.get("error"):
+        if result["error"]:
             raise RequestError(result["error"])
         return result
 
+    def prompt(self, request: dict) -> Prompt:
+        """The prompt `request` runs with (after its checks and the encoding of its image and speech inputs)."""
+        return self._prepare(check_request(request, 0)).prompt
+
     # ------------------------------------------------------------------------------------------ steps
 
-    def _prepare(self, index: int, request: dict) -> _Ready:
-        task = request.get("task")
-        if task not in TASKS:
-            raise RequestError(f"request {index}: unknown task {task!r}; expected one of {TASKS}")
-        for field in INPUTS[task]:
-            if request.get(field) in (None, ""):
-                raise RequestError(f"request {index} ({task}): needs {field!r}")
-        preset_fields = {f.name for f in dataclasses.fields(TaskPreset)}
-        unknown = set(request) - preset_fields - set(SAMPLER_OPTIONS) - {"task", "text", "image", "audio", "id"}
-        if unknown:
-            raise RequestError(f"request {index}: unknown field(s) {sorted(unknown)}")
-        preset = dataclasses.replace(PRESETS[task], **{k: v for k, v in request.items() if k in preset_fields})
-        layout = self.model.layout
-        image_codes = []
-        if "image" in INPUTS[task]:
-            image_codes = [self._encode_image(request["image"], index)]
-        embeds = positions = None
-        frames = []
-        if "audio" in INPUTS[task]:
-            embeds, frames = self._encode_audio(request["audio"], index)
-        content = task_content(task, request.get("text"))
-        prompt = build_prompt(self.tokenizer, layout, content=content, system=preset.system,
-                              image_codes=image_codes, audio_frames=frames)
-        if prompt.audio_slots:
-            start, n = prompt.audio_slots[0]
-            positions = np.arange(start, start + n)
-            embeds = embeds[:n]
-        options = {k: request[k] for k in SAMPLER_OPTIONS if k in request}
-        if preset.adaptive == "asr":
-            options.update(_lengths(adaptive_length.asr(len(prompt.ids))))
-        elif preset.adaptive == "tts":
-            text = adaptive_length.tts_text(request.get("text") or "")
-            options.update(_lengths(adaptive_length.tts(max(len(self.tokenizer.encode(text)), 1))))
-        gen_length = options.get("gen_length", preset.gen_length)
-        limit = self.model.config.max_position_embeddings
-        if len(prompt.ids) + gen_length > limit:
-            raise RequestError(f"request {index} ({task}): prompt of {len(prompt.ids)} tokens + {gen_length} to "
-                               f"generate exceeds the model's {limit} positions")
+    def _prepare(self, request: Request) -> _Job:
+        """The request's prompt, lengths and sampler settings; raises for anything that stops it from running."""
+        preset, layout, config = request.preset, self.model.layout, self.model.config
+        if request.prompt_ids is not None:
+            ids = np.asarray(request.prompt_ids, np.int64)
+            if ids.max() >= config.vocab_size:
+                raise RequestError(f"{request.name}: prompt_ids holds token id {ids.max()}, outside the "
+                                   f"vocabulary [0, {config.vocab_size})")
+            prompt = Prompt(ids.astype(np.int32))
+        else:
+            image_codes = [self._encode_image(request)] if request.image is not None else []
+            audio_embeds = [self._encode_audio(request)] if request.audio is not None else []
+            prompt = build_prompt(self._tokenizer(request), layout, content=task_content(preset.content, request.text),
+                                  system=preset.system, image_codes=image_codes, audio_embeds=audio_embeds,
+                                  chat=preset.chat)
+        settings = dict(alg=preset.alg, temperature=preset.temperature, top_p=preset.top_p, top_k=preset.top_k,
+                        cfg_scale=preset.cfg_scale, repeat_penalty=preset.repeat_penalty,
+                        max_position_penalty=preset.max_position_penalty, boa_prefill=preset.boa_prefill,
+                        seed=self.seed)
+        settings.update(request.options)
+        gen_length, steps = preset.gen_length, preset.steps
+        if preset.adaptive is not None:
+            if preset.adaptive == "asr":
+                rule = adaptive_length.asr(len(prompt.ids))
+            else:
+                text = adaptive_length.tts_text(request.text or "")
+                rule = adaptive_length.tts(max(len(self._tokenizer(request).encode(text)), 1))
+            gen_length, steps = rule["gen_length"], rule["steps"]
+            if "block_size" in rule:
+                settings["block_size"] = rule["block_size"]
         uncond = None
-        if preset.cfg > 0:  # the reference's unconditional prompt: the system turn and an empty user turn
-            uncond = sampler.Prompt(build_prompt(self.tokenizer, layout, content="", system=preset.system).ids)
-        return _Ready(index, task, preset, sampler.Prompt(prompt.ids, embeds, positions), uncond, options)
+        if preset.cfg_scale > 0:  # the reference's unconditional prompt: the system turn and an empty user turn
+            uncond = build_prompt(self._tokenizer(request), layout, content="", system=preset.system,
+                                  chat=preset.chat)
+        job = _Job(request, prompt, uncond, gen_length, steps, settings)
+        longest = max(len(prompt.ids), 0 if uncond is None else len(uncond.ids)) + gen_length
+        if longest > config.max_position_embeddings:
+            raise RequestError(f"{request.name}: prompt of {longest - gen_length} tokens + {gen_length} to generate "
+                               f"exceeds the model's {config.max_position_embeddings} positions")
+        free = free_device_memory()
+        need = self._step_bytes([job])
+        if free is not None and need > free:
+            raise RequestError(f"{request.name}: prompt of {len(prompt.ids)} tokens + {gen_length} to generate "
+                               f"needs about {need / 2 ** 30:.1f} GiB of device memory per sampler step (estimated, "
+                               f"see pipeline.step_bytes), more than the {free / 2 ** 30:.1f} GiB free")
+        return job
 
-    def _encode_image(self, path, index: int) -> np.ndarray:
+    def _tokenizer(self, request: Request) -> TextTokenizer:
+        if self.tokenizer is None:
+            raise RequestError(f"{request.name}: the checkpoint has no tokenizer files (tokenizer_config.json), so "
+                               "text cannot be tokenized; copy the reference's tokenizer files into the checkpoint "
+                               "folder, or give the prompt as token ids (prompt_ids)")
+        return self.tokenizer
+
+    def _encode_image(self, request: Request) -> np.ndarray:
         if self.image_tokenizer is None:
-            raise RequestError(f"request {index}: an image input needs an image tokenizer (MAGVIT-v2)")
-        _check_file(path, index, "image")
-        return self.image_tokenizer.encode_files([path], size=self.user_image_size)[0]
+            raise RequestError(f"{request.name}: an image input needs an image tokenizer (MAGVIT-v2)")
+        _check_file(request.image, request, "image")
+        return self.image_tokenizer.encode_files([request.image], size=self.user_image_size)[0]
 
-    def _encode_audio(self, path, index: int) -> tuple[np.ndarray, list[int]]:
+    def _encode_audio(self, request: Request) -> np.ndarray:
+        """The projected speech features of the request's audio, [T_lfr + 4, hidden]."""
         speech = self.model.speech
         if speech is None:
-            raise RequestError(f"request {index}: a speech input needs the speech encoder, which this checkpoint "
+            raise RequestError(f"{request.name}: a speech input needs the speech encoder, which this checkpoint "
                                "lacks (no model.audio_model.* keys)")
-        _check_file(path, index, "audio")
-        feats, lengths = speech.features([path])
-        embeds, _ = speech.embed(feats, lengths)
-        return np.asarray(embeds[0]), [int(lengths[0])]
+        _check_file(request.audio, request, "audio")
+        feats, lengths = speech.features([request.audio])
+        embeds, slots = speech.embed(feats, lengths)
+        return np.asarray(embeds[0, :int(slots[0])])
 
-    def _sample(self, batch: list[_Ready]) -> list[np.ndarray]:
-        p = batch[0].preset
-        options = {k: v for k, v in batch[0].options.items() if k not in ("gen_length", "steps")}  # set per row
-        options.setdefault("seed", self.seed)
-        uncond = [r.uncond for r in batch] if p.cfg > 0 else None
-        return sampler.sample(
-            self.model, [r.prompt for r in batch], uncond=uncond,
-            gen_length=[r.options.get("gen_length", r.preset.gen_length) for r in batch],
-            steps=[r.options.get("steps", r.preset.steps) for r in batch], alg=p.alg, temperature=p.temperature,
-            top_p=p.top_p, top_k=p.top_k, cfg=p.cfg, repeat_penalty=p.repeat_penalty,
-            max_position_penalty=p.max_position_penalty, boa_prefill=p.boa_prefill, **options)
+    def _batches(self, jobs: list[_Job]) -> Iterator[list[_Job]]:
+        """Jobs with the same settings, `batch_size` at a time, each batch split until its memory estimate fits."""
+        groups: dict[tuple, list[_Job]] = {}
+        for job in jobs:
+            groups.setdefault(job.group, []).append(job)
+        free = free_device_memory()
+        for rows in groups.values():
+            pending = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+            while pending:
+                batch = pending.pop(0)
+                if len(batch) > 1 and free is not None and self._step_bytes(batch) > free:
+                    half = len(batch) // 2
+                    pending[:0] = [batch[:half], batch[half:]]
+                else:
+                    yield batch
 
-    def _finish(self, request: dict, ready: _Ready, ids: np.ndarray) -> dict:
-        layout = self.model.layout
+    def _run_batch(self, batch: list[_Job], requests: Sequence[dict]) -> Iterator[tuple[int, dict]]:
+        """Samples a batch and finishes each row; a batch that fails runs again one row at a time."""
+        try:
+            outputs = sampler.sample(self.model, [j.prompt for j in batch],
+                                     uncond=None if batch[0].uncond is None else [j.uncond for j in batch],
+                                     gen_length=[j.gen_length for j in batch], steps=[j.steps for j in batch],
+                                     **batch[0].settings)
+        except Exception as e:  # noqa: BLE001 -- retried row by row, so that the failure stays with its row
+            if len(batch) == 1:
+                index = batch[0].request.index
+                yield index, _failed(requests[index], index, e)
+                return
+            log.info("a batch of %d failed (%s); running its rows one at a time", len(batch), _describe(e))
+            for job in batch:
+                yield from self._run_batch([job], requests)
+            return
+        for job, ids in zip(batch, outputs):
+            index = job.request.index
+            try:
+                yield index, self._finish(job, ids)
+            except Exception as e:  # noqa: BLE001 -- e.g. the speech decoder failing on this row's codes
+                yield index, _failed(requests[index], index, e)
+
+    def _finish(self, job: _Job, ids: np.ndarray) -> dict:
+        layout, request = self.model.layout, job.request
         parsed = split_output(ids, layout)
-        result = _result(request, ids=[int(i) for i in ids], text=self.tokenizer.decode(parsed.text_ids),
-                         audio_codes=parsed.audio_codes, image_codes=parsed.image_codes)
-        if ready.preset.output == "image":
+        text = None if self.tokenizer is None else self.tokenizer.decode(parsed.text_ids)
+        result = _result(request.task, request.id, prompt_ids=[int(i) for i in job.prompt.ids],
+                         ids=[int(i) for i in ids], text=text, audio_codes=parsed.audio_codes,
+                         image_codes=parsed.image_codes)
+        if request.preset.output == "image":
             codes, warning = fit_image_codes(parsed.image_codes, self.generated_image_codes, layout.num_image_codes)
             if warning:
                 result["warnings"].append(warning)
@@ -210,57 +264,113 @@ class Pipeline:
                 result["image"] = to_uint8(self.image_tokenizer.decode_codes(codes[None])[0])
             elif len(codes):
                 result["warnings"].append("no image tokenizer loaded: image codes returned without pixels")
-        if ready.preset.output == "speech":
+        if request.preset.output == "speech":
             if not parsed.audio_codes:
                 result["warnings"].append("no speech codes were generated")
             elif self.speech_decoder is not None:
                 from omnidiff_jax.speech_out import decode_speech
-                [wave] = decode_speech([parsed.audio_codes], self.speech_decoder, seed=request.get("seed", self.seed))
+                [wave] = decode_speech([parsed.audio_codes], self.speech_decoder, seed=job.settings["seed"])
                 result["wav"], result["sample_rate"] = wave, self.speech_decoder.sample_rate
             else:
                 result["warnings"].append("no speech decoder loaded: speech codes returned without a waveform")
         return result
 
+    def _step_bytes(self, batch: list[_Job]) -> int:
+        rows = len(batch) * (1 if batch[0].uncond is None else 2)
+        prompt = max(max(len(j.prompt.ids), 0 if j.uncond is None else len(j.uncond.ids)) for j in batch)
+        generated = sampler.bucket(max(j.gen_length for j in batch))
+        return step_bytes(self.model.config, rows, sampler.bucket(prompt) + generated, generated)
 
-def text_tokenizer(model: OmniModel) -> TextTokenizer:
-    """The checkpoint's tokenizer files, or UTF-8 bytes for tiny vocabularies (as the tiny training configs)."""
+
+def step_bytes(config: DreamConfig, rows: int, length: int, generated: int) -> int:
+    """Estimated device memory of one sampler step beyond the parameters, for `rows` model rows (twice the batch
+    with classifier-free guidance) on a canvas of `length` positions (the sampler's buckets), `generated` of them
+    decoded. Only the largest buffers are counted, so it is a lower bound:
+
+    - attention, the XLA backend: fp32 scores and weights for every query head, [rows, heads, L, L] x 8 bytes, plus
+      the boolean segment mask per head; on CPU the heads run one at a time, so 2 x L x L x 4 bytes plus the
+      mask [rows, L, L]. The cuDNN (GPU, half precision) and splash (TPU) kernels keep no score matrix: only
+      cuDNN's mask [rows, L, L] counts;
+    - one layer's activations, [rows, L, 2 x hidden + 2 x intermediate] in fp32;
+    - the logits of the generated region and their softmax, 2 x [rows, generated, vocab] in fp32.
+    """
+    square = length * length
+    backend = config.attention_impl
+    if backend == "auto":  # as omnidiff_jax.attention chooses
+        platform = jax.default_backend()
+        half = config.dtype in ("bfloat16", "float16")
+        backend = "splash" if platform == "tpu" else "cudnn" if platform == "gpu" and half else "xla"
+    if backend != "xla":
+        attention = rows * square if backend == "cudnn" else 0
+    elif jax.default_backend() == "cpu":
+        attention = 8 * square + rows * square
+    else:
+        attention = rows * config.num_heads * square * 9
+    layer = rows * length * (2 * config.hidden_size + 2 * config.intermediate_size) * 4
+    logits = 2 * rows * generated * config.vocab_size * 4
+    return attention + layer + logits
+
+
+def free_device_memory() -> int | None:
+    """Free bytes on the first local device: its allocator's limit minus what is in use (GPU, TPU), or the host's
+    available memory on CPU (Linux); None where neither is known."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    if device.platform == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def text_tokenizer(model: OmniModel) -> TextTokenizer | None:
+    """The checkpoint's tokenizer files, UTF-8 bytes for tiny vocabularies (as the tiny training configs), or
+    None (a full-size vocabulary without tokenizer files: only prompts given as token ids can run)."""
     if model.tokenizer_path is not None:
         return HFTokenizer(model.tokenizer_path, model.layout)
     if model.layout.num_text < 1000:
         return ByteTokenizer(model.layout.num_text)
-    raise RequestError("the checkpoint has no tokenizer files (tokenizer_config.json); copy the reference's "
-                       "tokenizer files into the checkpoint folder")
+    return None
 
 
-def _lengths(settings: dict) -> dict:
-    return {k: settings[k] for k in ("gen_length", "steps", "block_size") if k in settings}
-
-
-def _group_key(r: _Ready) -> tuple:
-    p = r.preset
-    options = tuple(sorted((k, v) for k, v in r.options.items() if k not in ("gen_length", "steps")))
-    return (p.alg, p.temperature, p.top_p, p.top_k, p.cfg, p.repeat_penalty, p.max_position_penalty, p.boa_prefill,
-            options)
-
-
-def _check_file(path, index: int, kind: str) -> None:
+def _check_file(path, request: Request, kind: str) -> None:
+    if not Path(path).exists():
+        raise RequestError(f"{request.name}: {kind} file {str(path)!r} does not exist")
     if not Path(path).is_file():
-        raise RequestError(f"request {index}: {kind} file {str(path)!r} does not exist")
+        raise RequestError(f"{request.name}: {kind} file {str(path)!r} is not a file")
 
 
-def _result(request: dict, **fields) -> dict:
-    base = {"task": request.get("task"), "id": request.get("id"), "text": "", "ids": [], "audio_codes": [],
+def _result(task, request_id, **fields) -> dict:
+    base = {"task": task, "id": request_id, "prompt_ids": [], "ids": [], "text": None, "audio_codes": [],
             "image_codes": [], "image": None, "wav": None, "sample_rate": None, "warnings": [], "error": None}
     base.update(fields)
     return base
 
 
-def _failed(request: dict, error: Exception) -> dict:
-    return _result(request, error=str(error))
+def _failed(request, index: int, error: Exception) -> dict:
+    """The result of a request that did not run: its task and id (when they are plain values) and the error."""
+    fields = request if isinstance(request, dict) else {}
+    task, request_id = fields.get("task"), fields.get("id")
+    plain = lambda v: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)  # noqa: E731
+    message = _describe(error)
+    if not isinstance(error, RequestError):
+        message = f"request {index} ({plain(task)}): {message}"
+    if not isinstance(error, (ValueError, OSError)):
+        log.info("request %d failed", index, exc_info=error)
+    return _result(plain(task), plain(request_id), error=message)
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterable[dict]:
-    """Requests from a JSONL batch file, one JSON object per line (blank lines skipped)."""
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            yield parse_object(line, f"{path}:{n}", RequestError)
+def _describe(error: Exception) -> str:
+    """An exception as one line: its message, with the exception's type unless it is a ValueError or OSError."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if len(text) > 500:
+        text = text[:500] + "..."
+    if isinstance(error, (ValueError, OSError)):
+        return text or type(error).__name__
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

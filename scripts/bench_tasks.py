@@ -33,7 +33,7 @@ from omnidiff_jax.configs.base import model_config
 from omnidiff_jax.configs.small import get_config as small
 from omnidiff_jax.image import ImageTokenizer
 from omnidiff_jax.pipeline import Pipeline
-from omnidiff_jax.tasks import PRESETS, TASKS
+from omnidiff_jax.tasks import PRESETS
 from omnidiff_jax.text_tokenizer import ByteTokenizer
 from torch_ref.omni import write_random_omni
 
@@ -70,7 +70,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=None, help="steps for every task (default: each task's preset)")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    ap.add_argument("--tasks", nargs="+", choices=list(REQUESTS), default=list(REQUESTS))
     ap.add_argument("--assets", type=Path, default=benchlib.DATA)
     ap.add_argument("--json", default="out/bench_tasks.json")
     args = ap.parse_args()
@@ -89,12 +89,12 @@ def main():
             pipe.run(batch)
             seconds = time.perf_counter() - start
             rows.append({"task": task, "batch": b, "gen_length": PRESETS[task].gen_length, "steps": steps,
-                         "cfg": PRESETS[task].cfg, "seconds": seconds, "requests_per_s": b / seconds,
+                         "cfg_scale": PRESETS[task].cfg_scale, "seconds": seconds, "requests_per_s": b / seconds,
                          "ms_per_step": seconds / steps * 1e3})
             print(time.strftime("%H:%M:%S"), rows[-1], flush=True)
     benchlib.report(f"Requests/s per task through Pipeline, config small (random weights), float32, "
                     f"{'preset steps' if args.steps is None else f'{args.steps} steps'}", rows,
-                    ["task", "batch", "gen_length", "steps", "cfg", "seconds", "requests_per_s", "ms_per_step"],
+                    ["task", "batch", "gen_length", "steps", "cfg_scale", "seconds", "requests_per_s", "ms_per_step"],
                     args.json)
 
 

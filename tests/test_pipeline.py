@@ -8,13 +8,16 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+import omnidiff_jax
 from omnidiff_jax import cli
-from omnidiff_jax.configs.base import model_config
-from omnidiff_jax.pipeline import Pipeline, RequestError, iter_jsonl
-from omnidiff_jax.tasks import PRESETS, build_prompt
+from omnidiff_jax.pipeline import Pipeline
+from omnidiff_jax.request import RequestError, iter_jsonl
+from omnidiff_jax.tasks import PRESETS, build_prompt, task_content
+from omnidiff_jax.sampler import sample
 from omnidiff_jax.text_tokenizer import ByteTokenizer
+from torch_ref import dream as dream_ref
 from torch_ref import glm4voice_decoder as decoder_ref
-from torch_ref.omni import write_random_omni
+from torch_ref.omni import write_tiny_omni
 
 FAST = {"steps": 6}  # every request also runs its task preset, with fewer steps to keep the suite quick
 
@@ -22,10 +25,7 @@ FAST = {"steps": 6}  # every request also runs its task preset, with fewer steps
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    # the tiny Dream, with MAGVIT-v2's 8192 image codes in its vocabulary (the tokenizer's LFQ is always 13 bits)
-    cfg = model_config(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, num_text=211,
-                       num_audio_codes=64, num_image_codes=8192, rope_theta=10_000.0)
-    model, magvit = write_random_omni(root, cfg)
+    model, magvit = write_tiny_omni(root)
     decoder_ref.save_decoder(root / "decoder", decoder_ref.random_flow(), decoder_ref.random_hift())
     return {"model": model, "image_tokenizer": magvit, "speech_decoder": root / "decoder"}
 
@@ -81,16 +81,16 @@ def test_prompts_equal_the_reference_token_sequences(pipe, assets):
         "svqa": system("Please response the input audio based on the given image.") + head("user") + audio(7)
         + enc("\n") + image(codes) + tail,
     }
-    from omnidiff_jax.tasks import task_content
+    features = np.zeros((7 + 4, pipe.model.config.hidden_size), np.float32)  # T_lfr = 7: 7 + 4 slots
     for task, ids in want.items():
         preset = PRESETS[task]
-        content = task_content(task, {"t2i": "sky", "tts": "sky", "vqa": "Why?"}.get(task))
+        content = task_content(preset.content, {"t2i": "sky", "tts": "sky", "vqa": "Why?"}.get(task))
         got = build_prompt(pipe.tokenizer, lay, content=content, system=preset.system,
                            image_codes=[codes] * content.count("<|image|>"),
-                           audio_frames=[7] * content.count("<|audio|>"))
+                           audio_embeds=[features] * content.count("<|audio|>"))
         assert got.ids.tolist() == [int(i) for i in ids], task
     # the speech features land on the <|context_of_audio|> slots of an ASR prompt
-    prompt = pipe._prepare(0, {"task": "asr", "audio": str(assets / "svqa_0.wav")}).prompt
+    prompt = pipe.prompt({"task": "asr", "audio": str(assets / "svqa_0.wav")})
     slots = np.flatnonzero(prompt.ids == lay.context_of_audio)
     assert prompt.embed_positions.tolist() == slots.tolist() and len(prompt.embeds) == len(slots)
 
@@ -136,3 +136,60 @@ def test_jsonl_batch_names_the_bad_line(tmp_path, line, problem):
     batch.write_text('{"task": "t2i", "text": "a cat"}\n\n' + line + "\n")
     with pytest.raises(RequestError, match=rf"requests.jsonl:3: {problem}"):
         list(iter_jsonl(batch))
+
+
+# ------------------------------------------------------------------------------------------- plain text (task "text")
+
+def test_cli_generate_with_random_tiny_weights(capsys):
+    assert cli.main(["generate", "--config", "tiny", "--prompt-ids", "1,2,3", "--prompt-ids", "4,5",
+                     "--gen-length", "128", "--steps", "8", "--batch-size", "1"]) == 0
+    out = capsys.readouterr()
+    assert "random weights" in out.err.lower()
+    lines = [json.loads(line) for line in out.out.splitlines()]
+    assert [line["prompt_ids"] for line in lines] == [[1, 2, 3], [4, 5]]
+    assert [len(line["ids"]) for line in lines] == [128, 128]
+    # a tiny vocabulary has the tasks' byte tokenizer, so text prompts run too (the chat template: see below)
+    assert cli.main(["generate", "--config", "tiny", "--prompt", "hello", "--raw", "--gen-length", "128", "--steps",
+                     "8"]) == 0
+    [line] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert line["prompt_ids"] == list(b"hello") and len(line["ids"]) == 128
+
+
+def test_text_needs_tokenizer_files_or_token_ids():
+    model = omnidiff_jax.init_model("tiny")
+    pipe = Pipeline(model, tokenizer=None)  # as a full-size vocabulary without tokenizer files
+    text, ids = pipe.run([{"task": "text", "text": "hello", "gen_length": 128, "steps": 2},
+                          {"task": "text", "prompt_ids": [1, 2, 3], "gen_length": 128, "steps": 2}])
+    assert "no tokenizer files" in text["error"] and "prompt_ids" in text["error"]
+    assert ids["error"] is None and ids["text"] is None and len(ids["ids"]) == 128
+
+
+def test_cli_generate_with_a_checkpoint_and_its_tokenizer(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    c = dream_ref.tiny_hf_config()
+    folder = dream_ref.save_hf(dream_ref.random_dream(c, seed=1), tmp_path / "ckpt", c)
+    jm = omnidiff_jax.load_model(folder)
+    lay = jm.layout
+    specials = {lay.eos: "<|endoftext|>", lay.im_start: "<|im_start|>", lay.im_end: "<|im_end|>",
+                lay.audio_tag: "<|audio|>"}  # at the ids the model's token layout gives them
+    words = [f"w{i}" for i in range(200)] + ["hello", "world"]
+    words += [specials.get(i, f"x{i}") for i in range(len(words), lay.audio_tag + 1)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    fast.add_special_tokens({"additional_special_tokens": list(specials.values())})
+    fast.save_pretrained(folder)
+    out_file = tmp_path / "out.jsonl"
+    argv = ["generate", "--model", str(folder), "--prompt", "hello world", "--gen-length", "128", "--steps", "8",
+            "--output", str(out_file)]
+    assert cli.main(argv + ["--raw"]) == 0
+    record = json.loads(out_file.read_text().splitlines()[0])
+    assert record["prompt_ids"] == [200, 201] and isinstance(record["text"], str)
+    assert record["ids"] == sample(jm, [[200, 201]], gen_length=128, steps=8)[0].tolist()
+    assert cli.main(argv) == 2  # an existing output file is not overwritten without --force
+    assert "exists" in capsys.readouterr().err
+    assert cli.main(argv + ["--force"]) == 0  # the chat template: <|im_start|>user\n ... <|im_start|>assistant\n
+    ids = json.loads(out_file.read_text().splitlines()[0])["prompt_ids"]
+    assert ids[0] == jm.layout.im_start and ids.count(jm.layout.im_start) == 2 and ids.count(jm.layout.im_end) == 1

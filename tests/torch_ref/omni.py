@@ -9,6 +9,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from omnidiff_jax.config import dream_config, token_layout
+from omnidiff_jax.configs.base import model_config
 from omnidiff_jax.convert.dream import hf_config
 from omnidiff_jax.checkpoint import import_checkpoint
 from omnidiff_jax.models.magvit import MagvitConfig
@@ -33,3 +34,11 @@ def write_random_omni(root: Path, cfg) -> tuple[Path, Path]:
     save_file({k: v.contiguous() for k, v in magvit.state_dict().items()},
               str(root / "magvit" / "pytorch_model.safetensors"))
     return root / "converted", root / "magvit"
+
+
+def write_tiny_omni(root: Path) -> tuple[Path, Path]:
+    """`write_random_omni` for the end-to-end tests: a 2-layer Dream of width 64 whose vocabulary holds MAGVIT-v2's
+    8192 image codes (the tokenizer's LFQ is always 13 bits)."""
+    cfg = model_config(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, num_text=211,
+                       num_audio_codes=64, num_image_codes=8192, rope_theta=10_000.0)
+    return write_random_omni(root, cfg)
