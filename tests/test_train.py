@@ -99,7 +99,7 @@ def test_loss_and_updates_match_the_reference(setup):
     pad_row = np.asarray(model.params["embed_tokens"]["embedding"][LAYOUT.pad])
     it = trainer.data_iterator()
     for count in range(3):
-        packs = data.next_packs(it, 8)
+        packs = it.next_packs(2, 4)  # 2 micro-batches of 4 packs
         micro = [[torch_pack(packs, i) for i in range(4 * m, 4 * m + 4)] for m in range(2)]
         if count == 0:
             assert (packs["positions"] == 0).sum() > 16  # several samples per pack
@@ -321,7 +321,7 @@ def test_sharded_step_equals_single_device(setup):
         state, it = t.init_state(initial), t.data_iterator()
         losses = []
         for step in range(3):
-            batch = t.device_batch(data.next_packs(it, 8))
+            batch = t.device_batch(it.next_packs(2, 4))
             state, metrics = t.step_fn(state, batch, t.frozen)
             losses.append(float(metrics["loss"]))
             if step == 0:

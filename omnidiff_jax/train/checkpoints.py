@@ -24,10 +24,12 @@ from omnidiff_jax.checkpoint import Summary, export_checkpoint
 from omnidiff_jax.config import dream_config, token_layout
 from omnidiff_jax.files import write_text
 from omnidiff_jax.model import OmniModel
+from omnidiff_jax.train import data
 from omnidiff_jax.train.speech import speech_input_from_config
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
+DATA_ITEM = "data"  # each process writes its streams' positions there (grain's process_<i>-of-<n>.json)
 
 
 def write_config(workdir: Path, cfg: ml_collections.ConfigDict) -> None:
@@ -46,15 +48,15 @@ def save(checkpoints: ocp.CheckpointManager, state, data_state: dict) -> None:
     """Starts an asynchronous save of the train state with the data position `data_state` (an iterator state
     taken when exactly the packs of steps < state.step had been read)."""
     checkpoints.save(int(state.step), args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state), data=grain.checkpoint.CheckpointSave(_Snapshot(data_state))))
+        state=ocp.args.PyTreeSave(state), **{DATA_ITEM: grain.checkpoint.CheckpointSave(_Snapshot(data_state))}))
 
 
-def restore(checkpoints: ocp.CheckpointManager, step: int, target, iterator):
+def restore(checkpoints: ocp.CheckpointManager, step: int, target, iterator: data.Streams):
     """The state saved at `step`, laid out as `target` (ShapeDtypeStructs with shardings); `iterator` is moved to
-    the saved data position."""
+    the saved data position, read from every process's file, so that a run resumes on another process count."""
     restored = checkpoints.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target)),
-        data=grain.checkpoint.CheckpointRestore(iterator)))
+        state=ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target))))
+    iterator.set_state(data.read_positions(Path(checkpoints.directory) / str(step) / DATA_ITEM))
     return restored["state"]
 
 
@@ -77,7 +79,7 @@ def load_run_params(workdir: str | os.PathLike, step: int | None = None, shardin
     options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
     checkpoints = ocp.CheckpointManager(folder, options=options,
                                         item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                                                       "data": grain.checkpoint.CheckpointHandler()})
+                                                       DATA_ITEM: grain.checkpoint.CheckpointHandler()})
     step = checkpoints.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{workdir}: no complete checkpoint under {folder}")

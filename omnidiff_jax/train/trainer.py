@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
@@ -102,9 +103,10 @@ class Trainer:
         if t.accumulate not in ("mean", "sum"):
             raise ValueError(f"train.accumulate must be 'mean' or 'sum', got {t.accumulate!r}")
         split = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        if t.micro_batch % split or t.micro_batch % jax.process_count():
+        self.streams = cfg.data.streams or jax.process_count()
+        if t.micro_batch % split or t.micro_batch % self.streams:
             raise ValueError(f"train.micro_batch {t.micro_batch} must be a multiple of the data x fsdp mesh size "
-                             f"{split} and of the process count {jax.process_count()}")
+                             f"{split} and of the data streams {self.streams}")
         self.workdir = Path(t.workdir)
         self.state_shardings = self._state_shardings()
         self.step_fn = jax.jit(self._step, donate_argnums=0, out_shardings=(self.state_shardings, replicated))
@@ -182,8 +184,8 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ data
-    def data_iterator(self) -> data.PackIterator:
-        """This process's stream of packs from the `data` section (sources in name order, at position 0)."""
+    def data_iterator(self) -> data.Streams:
+        """This process's streams of packs from the `data` section (sources in name order, at position 0)."""
         d = self.cfg.data
         sources = []
         for name, src in sorted(d.sources.items()):
@@ -192,7 +194,8 @@ class Trainer:
         spec = data.PackSpec(d.seq_len, self.layout.pad, d.max_audios, d.max_audio_frames)
         corruption = data.Corruption(self.layout.mask, self.layout.eos, d.tail_max, d.mask_eps, d.special_ratio,
                                      d.noise)
-        return data.pack_iterator(sources, spec, corruption, d.seed, jax.process_index(), jax.process_count())
+        return data.Streams(lambda s: data.pack_iterator(sources, spec, corruption, d.seed, s, self.streams),
+                            self.streams, jax.process_index(), jax.process_count())
 
     # ------------------------------------------------------------------ loop
     def run(self, initial_params=None, progress: bool = True) -> TrainState:
@@ -219,21 +222,22 @@ class Trainer:
         slots = t.grad_accum * t.micro_batch * self.cfg.data.seq_len
         step_flops = flops_per_token(self.model_cfg, self.cfg.data.seq_len) * slots
         peak = peak_flops(t.peak_tflops)
-        local = t.grad_accum * t.micro_batch // jax.process_count()
+        rows = t.micro_batch // jax.process_count()
         bar = tqdm(total=t.steps, initial=start, desc="train", disable=not progress or jax.process_index() > 0)
-        packs = data.next_packs(iterator, local) if start < t.steps else None
+        packs = iterator.next_packs(t.grad_accum, rows) if start < t.steps else None
         for step in range(start, t.steps):
             began = time.perf_counter()
             state, metrics = self.step_fn(state, self.device_batch(packs), self.frozen)  # runs asynchronously
-            done, data_state = packs, iterator.get_state()
+            done, data_state, dropped = packs, iterator.get_state(), iterator.dropped()
             if step + 1 < t.steps:
-                packs = data.next_packs(iterator, local)  # the next batch, read while the device computes
+                packs = iterator.next_packs(t.grad_accum, rows)  # the next batch, read while the device computes
             metrics = jax.device_get(metrics)
             seconds = time.perf_counter() - began
-            record = self._record(step + 1, metrics, done, seconds, step_flops, peak, data_state)
+            record = self._record(step + 1, metrics, done, seconds, step_flops, peak, dropped)
             if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
                 metrics_log.write(record)
-                bar.write(summary_line(record))
+                if jax.process_index() == 0:
+                    bar.write(summary_line(record))
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
             bar.update()
             if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
@@ -243,16 +247,21 @@ class Trainer:
         manager.close()
         return state
 
-    def _record(self, step, metrics, packs, seconds, step_flops, peak, data_state) -> dict:
+    def _record(self, step, metrics, packs, seconds, step_flops, peak, dropped) -> dict:
+        """The step's log record over every process's packs (gathered: each process holds its own rows)."""
+        counts = np.asarray([packs["valid"].sum(), *dropped.values()])
+        tasks, counts = multihost_utils.process_allgather((packs["task"].reshape(self.cfg.train.grad_accum, -1),
+                                                           counts))
+        tasks = tasks.transpose(1, 0, 2).reshape(-1)  # [processes, accum, rows] -> the global [accum, micro] order
+        counts = counts.sum(axis=0)
         losses = np.asarray(metrics["pack_loss"]).reshape(-1)
-        tasks = packs["task"].reshape(-1)
         per_task = {self.tasks[k]: float(losses[tasks == k].mean()) for k in np.unique(tasks)}
         record = {"step": step, "loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
                   "grad_norm": float(metrics["grad_norm"]), "task_loss": per_task,
                   "tokens_per_s": packs["input_ids"].size * jax.process_count() / seconds,
-                  "valid_tokens": int(packs["valid"].sum()) * jax.process_count(),
+                  "valid_tokens": int(counts[0]),
                   "supervised_tokens": int(np.asarray(metrics["pack_tokens"]).sum()),
-                  "step_s": seconds, "dropped": data_state["dropped"]}
+                  "step_s": seconds, "dropped": dict(zip(dropped, map(int, counts[1:])))}
         if peak:
             record["mfu"] = step_flops / seconds / (peak * jax.device_count())
         return record
