@@ -455,3 +455,27 @@ def test_empty_source_and_damaged_shards_are_errors(tmp_path):
     shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(data.DataError, match=f"{shard}: not a readable shard"):
         data.open_source(folder)
+
+
+def test_a_source_whose_samples_never_fit_is_an_error(tmp_path):
+    folders = []
+    for name, answer in (("short", "a"), ("long", "a much longer answer")):
+        jsonl = tmp_path / f"{name}.jsonl"
+        jsonl.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                          {"role": "assistant", "content": answer}]}) + "\n"
+                                 for i in range(3)))
+        prepare.prepare_source([jsonl], tmp_path / name, LAYOUT, TOKENIZERS, progress=False)
+        folders.append(tmp_path / name)
+    sources = [data.Source("short", data.open_source(folders[0])), data.Source("long", data.open_source(folders[1]))]
+    corruption = data.Corruption(LAYOUT.mask, LAYOUT.eos, tail_max=1)  # one eos appended: lengths known exactly
+    fits = len(sources[0].samples[0]["input_ids"]) + 1  # the short samples fit, the long ones do not
+    it = data.pack_iterator(sources, data.PackSpec(fits, LAYOUT.pad), corruption, seed=0)
+    with pytest.raises(data.DataError, match=r"source long: none of its samples fits a pack \(3 read, the last "
+                                             r"too_long: data.seq_len"):
+        for _ in range(100):
+            next(it)
+    fits = len(sources[1].samples[0]["input_ids"]) + 1
+    it = data.pack_iterator(sources, data.PackSpec(fits, LAYOUT.pad), corruption, seed=0)
+    for _ in range(20):
+        next(it)
+    assert it.dropped["too_long"] == 0

@@ -322,15 +322,21 @@ class PackIterator(grain.DatasetIterator):
     """Packs corrupted samples from a random-access dataset, one buffer per source (single-task packs).
 
     Its state is the next element index, the indices held in each buffer and the drop counts: elements are a
-    pure function of their index, so buffers are rebuilt by re-reading them.
+    pure function of their index, so buffers are rebuilt by re-reading them. `names` and `epoch_sizes` (per
+    source) turn a source none of whose samples fits a pack into a DataError after an epoch's worth of drops,
+    instead of an endless search.
     """
 
-    def __init__(self, samples: grain.MapDataset, spec: PackSpec, tasks: Sequence[int]):
+    def __init__(self, samples: grain.MapDataset, spec: PackSpec, tasks: Sequence[int],
+                 names: Sequence[str] = (), epoch_sizes: Sequence[int] = ()):
         super().__init__()
         self.samples, self.spec, self.tasks = samples, spec, tuple(tasks)
+        self.names, self.epoch_sizes = tuple(names), tuple(epoch_sizes)
         self.next_index = 0
         self.buffers: dict[int, list[tuple[int, dict]]] = {}
         self.dropped = {"too_long": 0, "audio_over_limit": 0}
+        self.fitted: set[int] = set()  # sources with a sample that fitted (since this iterator was made)
+        self.misses: dict[int, int] = {}  # per source not fitted yet: samples dropped
 
     def __next__(self) -> dict[str, np.ndarray]:
         while True:
@@ -340,11 +346,20 @@ class PackIterator(grain.DatasetIterator):
             source, sample = self.samples[index]
             self.next_index += 1
             reason = self.spec.fits(sample)
+            name = self.names[source] if self.names else source
             if reason == "audio_over_limit" and not self.spec.max_audios:
-                raise DataError(f"source {source} has user speech but the pack holds no audio (data.max_audios 0)")
+                raise DataError(f"source {name} has user speech but the pack holds no audio (data.max_audios 0)")
             if reason:
                 self.dropped[reason] += 1
+                if source not in self.fitted:
+                    self.misses[source] = self.misses.get(source, 0) + 1
+                    if self.epoch_sizes and self.misses[source] >= self.epoch_sizes[source]:
+                        raise DataError(f"source {name}: none of its samples fits a pack ({self.misses[source]} "
+                                        f"read, the last {reason}: data.seq_len {self.spec.length}, "
+                                        f"data.max_audios {self.spec.max_audios}, data.max_audio_frames "
+                                        f"{self.spec.max_audio_frames})")
                 continue
+            self.fitted.add(source)
             buffer = self.buffers.setdefault(source, [])
             used = sum(len(s["input_ids"]) for _, s in buffer)
             audios = sum(len(s.get("audio_lengths", ())) for _, s in buffer) + len(sample.get("audio_lengths", ()))
@@ -455,17 +470,23 @@ def mixture(sources: Sequence[Source], seed: int) -> grain.MapDataset:
     wrapping), concatenated, then shuffled afresh every epoch; endless."""
     parts = []
     for k, src in enumerate(sources):
-        n = len(src.samples)
-        used = int(n * src.ratio)
-        if src.num is not None:
-            used = min(used, src.num)
-        if used == 0:
-            raise DataError(f"source {src.name} yields 0 samples ({n} samples, ratio {src.ratio}, num {src.num})")
+        n, used = len(src.samples), _epoch_size(src)
         part = Shuffled(src.samples, seed, epochs=1).repeat(math.ceil(used / n), reseed_each_epoch=False)[:used]
         parts.append(part.map(functools.partial(_tag_source, k)))
     if not parts:
         raise DataError("the mixture has no sources")
     return Shuffled(grain.MapDataset.concatenate(parts), seed)
+
+
+def _epoch_size(src: Source) -> int:
+    """How many of its samples a source gives per epoch: min(floor(ratio * n), num), which must be > 0."""
+    n = len(src.samples)
+    used = int(n * src.ratio)
+    if src.num is not None:
+        used = min(used, src.num)
+    if used <= 0:
+        raise DataError(f"source {src.name} yields 0 samples ({n} samples, ratio {src.ratio}, num {src.num})")
+    return used
 
 
 def _tag_source(k, sample):
@@ -481,7 +502,8 @@ def pack_iterator(sources: Sequence[Source], spec: PackSpec, corruption: Corrupt
     """The training stream of one process: mixture -> corruption (seeded per global element index) -> this
     process's share of the elements (index % process_count) -> per-source packing."""
     mixed = mixture(sources, seed).random_map(functools.partial(_corrupt_pair, corruption), seed=seed)
-    return PackIterator(mixed[process_index::process_count], spec, [s.task for s in sources])
+    return PackIterator(mixed[process_index::process_count], spec, [s.task for s in sources],
+                        [s.name for s in sources], [_epoch_size(s) for s in sources])
 
 
 def next_packs(it: Iterator[dict], count: int) -> dict[str, np.ndarray]:
