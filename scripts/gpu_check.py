@@ -21,7 +21,7 @@ import torch
 import omnidiff_jax
 from omnidiff_jax.config import dream_config, get_config, token_layout
 from omnidiff_jax.convert.dream import hf_config
-from omnidiff_jax.sampler import _candidates, _chunked_top_k as chunked_top_k
+from omnidiff_jax.sampler_loop import candidates, chunked_top_k
 from torch_ref import dream as dream_ref
 
 SLICE = {"num_layers": 4}  # full width and vocabulary, 4 of the 28 layers
@@ -101,7 +101,7 @@ def sampler_part(rows: list):
         r["throughput_vs_batch1"] = r["tokens_per_s"] / single[r["sampler"]]
     # the step's top-k over the vocabulary alone, batch 8: XLA's (a sort) against the sampler's chunked one
     logits = jax.random.normal(jax.random.key(0), (8, gen_length, model.config.vocab_size), jax.numpy.bfloat16)
-    count = _candidates(model.config.vocab_size, 50)
+    count = candidates(model.config.vocab_size, 50)
     for name, top_k in (("top-k alone: lax.top_k", jax.lax.top_k), ("top-k alone: chunked", chunked_top_k)):
         run = jax.jit(lambda x, top_k=top_k: top_k(x.astype(jax.numpy.float32), count))
         rows.append({"batch": 8, "sampler": name, "ms_per_step": benchlib.timeit(

@@ -1,7 +1,8 @@
 """Sampler parity: our jitted sampler against the PyTorch transcription of the reference `_sample` loop
 (tests/torch_ref/sampler.py), both driven by the same tiny Dream weights read from a real safetensors folder
 through our converter, in float32. Plus batching, the sampling modes (statistically), the prefix cache, the
-schedule rules of the reference, bad input, the mesh, the adaptive-length helpers and the CLI.
+schedule rules of the reference, bad input, the mesh and the adaptive-length helpers (the `generate` command's
+tests are in test_pipeline.py).
 
 The fixture model's lm_head is scaled by 3 so that top-p 0.9 keeps ~20 tokens (it is exercised) and no masked
 row is left with a single token (which would make whole groups of positions tie at confidence 0 or 1, where
@@ -9,12 +10,9 @@ torch's top-k order is unspecified).
 """
 
 import dataclasses
+import functools
 import itertools
-import json
-import os
-import subprocess
-import sys
-import textwrap
+import re
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +21,12 @@ import pytest
 import torch
 
 import omnidiff_jax
-from omnidiff_jax import adaptive_length
-from omnidiff_jax.prefix_cache import run_layers
-from omnidiff_jax.sampler import (ALGS, Prompt, _chunked_top_k, _Knobs, _program, _sample_rows, _Static, boa_index,
-                                  sample, schedule)
+from omnidiff_jax import adaptive_length, sampler_loop
+from omnidiff_jax.models.dream import KVCache, decode_functions
+from omnidiff_jax.sampler import ALGS, Prompt, boa_index, sample, schedule
+from omnidiff_jax.sampler_loop import Knobs, Variant, chunked_top_k, program
+from omnidiff_jax.sampler_plan import as_prompt, make_plan
+from omnidiff_jax.sharding import make_mesh
 from torch_ref import dream as dream_ref
 from torch_ref.sampler import reference_sample, sample_tokens, top_p_filter
 
@@ -67,17 +67,17 @@ CASES = list(itertools.product(["origin", "maskgit_plus", "topk_margin", "entrop
                                [0.0, 1.0]))
 
 
-@pytest.mark.parametrize("alg,blocks,penalties,boa,cfg", CASES)
-def test_tokens_match_the_reference_loop(setup, alg, blocks, penalties, boa, cfg):
+@pytest.mark.parametrize("alg,blocks,penalties,boa,cfg_scale", CASES)
+def test_tokens_match_the_reference_loop(setup, alg, blocks, penalties, boa, cfg_scale):
     _, jm, prompt, _, _ = setup
     # origin draws its transfers at random; with one step per block it commits every mask at once, deterministically
     steps = (4 if blocks == "blocks" else 1) if alg == "origin" else STEPS
-    options = dict(gen_length=N, steps=steps, alg=alg, block_size=BLOCK if blocks == "blocks" else -1, cfg=cfg)
+    options = dict(gen_length=N, steps=steps, alg=alg, block_size=BLOCK if blocks == "blocks" else -1)
     if penalties == "penalties":
         options.update(repeat_penalty=1.5, max_position_penalty=2.0)
-    want, _ = reference(setup, add_boa=boa == "BOA", **options)
-    got = sample(jm, [prompt], boa_prefill=boa == "BOA", uncond=[prompt.ids[:8]] if cfg else None,
-                 cfg_compat=True, **options)[0]
+    want, _ = reference(setup, add_boa=boa == "BOA", cfg=cfg_scale, **options)
+    got = sample(jm, [prompt], boa_prefill=boa == "BOA", uncond=[prompt.ids[:8]] if cfg_scale else None,
+                 cfg_compat=True, cfg_scale=cfg_scale, **options)[0]
     assert got.dtype == np.int32 and got.shape == (N,)
     np.testing.assert_array_equal(got, want)
 
@@ -96,12 +96,12 @@ def test_sampling_math_on_bfloat16_logits_is_bit_exact(alg):
         torch.tensor(logits).to(torch.bfloat16), 0.0, 0.9, 50, margin=alg == "topk_margin",
         neg_entropy=alg.startswith("entropy"), repeat_penalty=penalty, max_position_penalty=2.0, past_x=past,
         mask_id=234)
-    knobs = _Knobs(alg=np.int32(ALGS.index(alg)), temperature=np.float32(0), top_p=np.float32(0.9),
-                   alg_temp=np.float32(0), cfg=np.float32(0), repeat_penalty=np.float32(penalty),
-                   max_position_penalty=np.float32(2.0))
-    rows = jax.jit(_sample_rows, static_argnums=(5, 7))
-    x0, conf = rows(jnp.asarray(logits, jnp.bfloat16)[None], jnp.ones((1, 130), bool), generated, knobs,
-                    np.float32(penalty), 50, jnp.zeros((1, 130, 66)), None)
+    knobs = Knobs(alg=np.int32(ALGS.index(alg)), temperature=np.float32(0), top_p=np.float32(0.9),
+                  alg_temp=np.float32(0), cfg_scale=np.float32(0), repeat_penalty=np.float32(penalty),
+                  max_position_penalty=np.float32(2.0))
+    rows = jax.jit(functools.partial(sampler_loop.sample_tokens, top_k=50))
+    x0, conf = rows(jnp.asarray(logits, jnp.bfloat16)[None], jnp.arange(130)[None], jnp.array([130]), generated,
+                    knobs, np.float32(penalty), jnp.zeros((1, 130, 66)))
     np.testing.assert_array_equal(np.asarray(x0[0]), want_x0.numpy())
     np.testing.assert_array_equal(np.asarray(conf[0], np.float32), want_conf.float().numpy())
 
@@ -135,14 +135,15 @@ def test_batch_rows_equal_single_rows_and_history_matches_step_by_step(setup):
     batch, history = sample(jm, prompts, gen_length=lengths, steps=steps, return_history=True, **options)
     _, want = reference(setup, gen_length=N, steps=16, **options)
     np.testing.assert_array_equal(history[0], want)
-    program = _program(jm.config, None, _Static(50, False, False, False))
+    loop = program(decode_functions(jm.config), None, Variant(jm.config.mask_token_id, jm.config.vocab_size, 50, False,
+                                                             None, None, False))
     for r in range(3):
         single = sample(jm, [prompts[r]], gen_length=lengths[r], steps=steps[r], **options)[0]
         assert batch[r].shape == (lengths[r],) and history[r].shape[1] == lengths[r]
         np.testing.assert_array_equal(batch[r], single)
         np.testing.assert_array_equal(history[r][-1], single)
-        compiled = compiled if r else program._cache_size()
-    assert program._cache_size() == compiled  # 3 prompt and 3 generation lengths, one bucket: no recompilation
+        compiled = compiled if r else loop._cache_size()
+    assert loop._cache_size() == compiled  # 3 prompt and 3 generation lengths, one bucket: no recompilation
 
 
 def test_aligned_cfg_equals_running_the_unconditional_row_alone(setup):
@@ -150,7 +151,7 @@ def test_aligned_cfg_equals_running_the_unconditional_row_alone(setup):
     # against logits computed independently with the torch model.
     tm, jm, prompt, embeds, _ = setup
     un = prompt.ids[:5]
-    got = sample(jm, [prompt], gen_length=N, steps=1, cfg=1.5, uncond=[un])[0]  # top-p/top-k keep the argmax
+    got = sample(jm, [prompt], gen_length=N, steps=1, cfg_scale=1.5, uncond=[un])[0]  # top-p/top-k keep the argmax
     mask = jm.config.mask_token_id
     with torch.no_grad():
         def shifted(e):
@@ -208,7 +209,7 @@ def test_sampling_modes_follow_their_distributions(setup):
     assert not all((a == b).all() for a, b in zip(tokens, other))
 
 
-def test_prefix_cache_layers_and_sampler(setup):
+def test_kv_cache_windows_match_the_full_pass(setup):
     _, jm, prompt, _, _ = setup
     cfg = jm.config
     rng = np.random.default_rng(1)
@@ -216,14 +217,27 @@ def test_prefix_cache_layers_and_sampler(setup):
     positions = np.broadcast_to(np.arange(24), (2, 24))
     segments = np.zeros((2, 24), np.int32)
     segments[1, 20:] = 1  # row 1 has 4 padding columns
-    full, (k, v) = run_layers(cfg, jm.params, x, positions, segments)
-    want = jm.module.apply({"params": jm.params}, None, inputs_embeds=x, positions=positions, segment_ids=segments,
-                           return_hidden=True)
-    np.testing.assert_allclose(full[:, :20], want[:, :20], rtol=1e-5, atol=1e-5)
-    suffix, _ = run_layers(cfg, jm.params, x[:, 10:], positions[:, 10:], segments[:, 10:],
-                           past=(k[:, :, :10], v[:, :, :10]), past_segments=segments[:, :10])
-    np.testing.assert_allclose(suffix[:, :10], full[:, 10:20], rtol=1e-5, atol=1e-5)
+    apply = jax.jit(lambda *a, **kw: jm.module.apply({"params": jm.params}, None, return_hidden=True, *a, **kw))
+    want = apply(inputs_embeds=x, positions=positions, segment_ids=segments)
+    full, cache = apply(inputs_embeds=x, positions=positions, segment_ids=segments,
+                        cache=KVCache.empty(cfg, segments))
+    np.testing.assert_allclose(full, want, rtol=1e-5, atol=1e-5)
+    # windows of 8 columns at a different start per row, attending to the rest through the cache
+    start = np.array([10, 7])
+    window = lambda a: np.stack([a[r, s:s + 8] for r, s in enumerate(start)])  # noqa: E731
+    part, updated = apply(inputs_embeds=window(x), positions=window(positions), segment_ids=window(segments),
+                          cache=cache, cache_start=start)
+    np.testing.assert_allclose(part, window(np.asarray(want)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(updated.k, cache.k, rtol=1e-5, atol=1e-6)  # the same tokens: the same keys
+    # stale keys outside the window change the window's output (the cache is what it reads)
+    stale = cache.replace(k=cache.k.at[:, :, :4].multiply(0.5))
+    part_stale, _ = apply(inputs_embeds=window(x), positions=window(positions), segment_ids=window(segments),
+                          cache=stale, cache_start=start)
+    assert np.abs(np.asarray(part_stale) - np.asarray(part)).max() > 1e-3
 
+
+def test_prefix_cache_sampler(setup):
+    _, jm, prompt, _, _ = setup
     # blocks of one step each refresh the cache at every step: identical to the exact sampler
     options = dict(gen_length=N, steps=4, block_size=BLOCK, alg="entropy")
     np.testing.assert_array_equal(sample(jm, [prompt], prefix_cache=True, **options)[0],
@@ -239,8 +253,8 @@ def test_prefix_cache_layers_and_sampler(setup):
     (dict(steps=0), "steps must be an integer >= 1"),
     (dict(alg="greedy"), "unknown alg 'greedy'"),
     (dict(prompts=[[1, 999]]), "token id 999"),
-    (dict(cfg=2.0), "needs `uncond`"),
-    (dict(cfg=2.0, uncond=[list(range(1, 20))], cfg_compat=True), "longer than prompts[0]"),
+    (dict(cfg_scale=2.0), "needs `uncond`"),
+    (dict(cfg_scale=2.0, uncond=[list(range(1, 20))], cfg_compat=True), "longer than prompts[0]"),
     (dict(gen_length=[4, 4]), "2 entries for 1 prompts"),
     (dict(top_p=0.0), "top_p must be in (0, 1]"),
     (dict(block_size=0), "block_size must be"),
@@ -263,38 +277,25 @@ def test_prompt_plus_generation_beyond_the_models_positions(setup):
 
 
 def test_mesh_matches_single_device_without_gathering_the_vocabulary(setup):
-    script = textwrap.dedent(r"""
-        import json, re, sys
-        import jax, numpy as np
-        jax.config.update("jax_default_matmul_precision", "highest")
-        import omnidiff_jax
-        from omnidiff_jax import sampler
-        from omnidiff_jax.sharding import make_mesh
-        mesh = make_mesh(data=2, fsdp=2, tensor=2)
-        plain, sharded = omnidiff_jax.load_model(sys.argv[1]), omnidiff_jax.load_model(sys.argv[1], mesh=mesh)
-        prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11], [12]]
-        options = dict(gen_length=[16, 12, 9, 16], steps=8, alg="entropy-penalty", repeat_penalty=1.2)
-        a = sampler.sample(plain, prompts, **options)
-        b = sampler.sample(sharded, prompts, **options)
-        program = sampler._program(sharded.config, mesh, sampler._Static(50, False, False, False))
-        inputs = sampler._plan(sharded, [sampler._as_prompt(p, sharded, "p") for p in prompts], None,
-                               options["gen_length"], [8] * 4, None, False, False)
-        knobs = sampler._Knobs(alg=np.int32(4), temperature=np.float32(0), top_p=np.float32(0.9),
-                               alg_temp=np.float32(0), cfg=np.float32(0), repeat_penalty=np.float32(1.2),
-                               max_position_penalty=np.float32(1))
-        text = program.lower(sharded.params, inputs, knobs, jax.random.key(0)).compile().as_text()
-        shapes = re.findall(r"= \w+\[([\d,]*)\]\S* all-gather\(", text)
-        gathers = [s for s in shapes if s.endswith(str(sharded.config.vocab_size))]
-        json.dump({"plain": [x.tolist() for x in a], "sharded": [x.tolist() for x in b], "vocab_gathers": gathers},
-                  sys.stdout)
-    """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    run = subprocess.run([sys.executable, "-c", script, str(setup[4])], capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["sharded"] == result["plain"]
-    assert result["vocab_gathers"] == []
+    folder = setup[4]
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    plain, sharded = omnidiff_jax.load_model(folder), omnidiff_jax.load_model(folder, mesh=mesh)
+    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11], [12]]
+    options = dict(gen_length=[16, 12, 9, 16], steps=8, alg="entropy-penalty", repeat_penalty=1.2)
+    a = sample(plain, prompts, **options)
+    b = sample(sharded, prompts, **options)
+    assert all((x == y).all() for x, y in zip(a, b))
+
+    cfg = sharded.config
+    loop = program(decode_functions(cfg), mesh, Variant(cfg.mask_token_id, cfg.vocab_size, 50, False, None, None,
+                                                        False))
+    plan = make_plan(cfg, sharded.layout, [as_prompt(p, cfg, "p") for p in prompts], None, options["gen_length"],
+                     [8] * 4, None, False, False)
+    knobs = Knobs(alg=np.int32(4), temperature=np.float32(0), top_p=np.float32(0.9), alg_temp=np.float32(0),
+                  cfg_scale=np.float32(0), repeat_penalty=np.float32(1.2), max_position_penalty=np.float32(1))
+    text = loop.lower(sharded.params, plan, knobs, jax.random.key(0)).compile().as_text()
+    shapes = re.findall(r"= \w+\[([\d,]*)\]\S* all-gather\(", text)
+    assert [s for s in shapes if s.endswith(str(cfg.vocab_size))] == []
 
 
 def test_adaptive_lengths_follow_the_evaluation_scripts():
@@ -308,52 +309,10 @@ def test_adaptive_lengths_follow_the_evaluation_scripts():
         adaptive_length.asr(4)
 
 
-def test_cli_generate_with_random_tiny_weights(setup, capsys):
-    from omnidiff_jax import cli
-    assert cli.main(["generate", "--config", "tiny", "--prompt-ids", "1,2,3", "--prompt-ids", "4,5",
-                     "--gen-length", "128", "--steps", "8", "--batch-size", "1"]) == 0
-    out = capsys.readouterr()
-    assert "random weights" in out.err.lower()
-    lines = [json.loads(line) for line in out.out.splitlines()]
-    assert [line["prompt_ids"] for line in lines] == [[1, 2, 3], [4, 5]]
-    assert [len(line["ids"]) for line in lines] == [128, 128]
-    assert cli.main(["generate", "--config", "tiny", "--prompt", "hello", "--gen-length", "8"]) == 2
-    assert "--prompt-ids" in capsys.readouterr().err
-
-
-def test_cli_generate_with_a_checkpoint_and_its_tokenizer(setup, tmp_path, capsys):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from omnidiff_jax import cli
-    tm, jm, _, _, folder = setup
-    c = dream_ref.tiny_hf_config()
-    folder = dream_ref.save_hf(tm, tmp_path / "ckpt", c)
-    words = [f"w{i}" for i in range(200)] + ["hello", "world"]
-    vocab = {w: i for i, w in enumerate(words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
-    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    fast.save_pretrained(folder)
-    out_file = tmp_path / "out.jsonl"
-    argv = ["generate", "--model", str(folder), "--prompt", "hello world", "--gen-length", "128", "--steps", "8",
-            "--output", str(out_file)]
-    assert cli.main(argv + ["--raw"]) == 0
-    record = json.loads(out_file.read_text().splitlines()[0])
-    assert record["prompt_ids"] == [200, 201] and isinstance(record["text"], str)
-    assert record["ids"] == sample(jm, [[200, 201]], gen_length=128, steps=8)[0].tolist()
-    assert cli.main(argv) == 2  # an existing output file is not overwritten without --force
-    assert "exists" in capsys.readouterr().err
-    assert cli.main(argv + ["--force"]) == 0  # the chat template: <|im_start|>user\n ... <|im_start|>assistant\n
-    ids = json.loads(out_file.read_text().splitlines()[0])["prompt_ids"]
-    assert ids[0] == jm.layout.im_start and ids.count(jm.layout.im_start) == 2 and ids.count(jm.layout.im_end) == 1
-
-
 @pytest.mark.parametrize("levels", [3, 1000])  # heavy ties across chunk boundaries, and few
 def test_chunked_top_k_equals_lax_top_k(levels):
     x = jax.random.randint(jax.random.key(levels), (4, 3, 1001), 0, levels).astype(jnp.float32)
     want = jax.lax.top_k(x, 7)
-    got = _chunked_top_k(x, 7, chunk=8)  # 126 chunks, the last one padded
+    got = chunked_top_k(x, 7, chunk=8)  # 126 chunks, the last one padded
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])

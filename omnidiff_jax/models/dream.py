@@ -24,11 +24,13 @@ Parameters and activations carry logical axis names; `omnidiff_jax.sharding` map
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from omnidiff_jax.attention import dot_product_attention
 from omnidiff_jax.models.layers import Dense
@@ -122,7 +124,10 @@ class Attention(nn.Module):
     config: DreamConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, query_valid):
+    def __call__(self, x, cos, sin, segment_ids, query_valid, cache=None):
+        """x [B, W, H] -> [B, W, H]. cache: None (keys are x's own positions), or this layer's (k, v, key segment ids,
+        start) over a whole canvas (k, v [B, L, Hkv, D]; key segment ids [B, L]; start [B]): x's keys and values
+        are written at columns [start, start + W) and x's queries attend to all L keys. Returns (out, (k, v))."""
         cfg = self.config
         dense = lambda features, axis, names, bias, name: Dense(  # noqa: E731  PyTorch's bf16 rounding
             features, axis=axis, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
@@ -132,10 +137,23 @@ class Attention(nn.Module):
         v = dense((cfg.num_kv_heads, cfg.head_dim), -1, ("embed", "kv_heads", "head_dim"), True, "v_proj")(x)
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = dot_product_attention(q, k, v, segment_ids=segment_ids, query_valid=query_valid,
-                                    implementation=cfg.attention_impl)  # [B, L, Hq, D]
+        key_segment_ids = segment_ids
+        if cache is not None:
+            past_k, past_v, key_segment_ids, start = cache
+            k, v = (constrain(_write_window(past, new, start),
+                              ("activation_batch", "activation_length", "activation_heads", None))
+                    for past, new in ((past_k, k), (past_v, v)))
+        out = dot_product_attention(q, k, v, segment_ids=segment_ids, key_segment_ids=key_segment_ids,
+                                    query_valid=query_valid, implementation=cfg.attention_impl)  # [B, W, Hq, D]
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
-        return dense(cfg.hidden_size, (-2, -1), ("q_heads", "head_dim", "embed"), False, "o_proj")(out)
+        out = dense(cfg.hidden_size, (-2, -1), ("q_heads", "head_dim", "embed"), False, "o_proj")(out)
+        return out, (None if cache is None else (k, v))
+
+
+def _write_window(past: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """past [B, L, ...] with new [B, W, ...] written at columns [start_b, start_b + W) of each row b."""
+    write = lambda p, n, s: jax.lax.dynamic_update_slice_in_dim(p, n.astype(p.dtype), s, axis=0)  # noqa: E731
+    return jax.vmap(write)(past, new, start)
 
 
 class MLP(nn.Module):
@@ -158,12 +176,39 @@ class DecoderLayer(nn.Module):
     config: DreamConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, query_valid):
+    def __call__(self, x, cos, sin, segment_ids, query_valid, kv, key_segment_ids, start):
+        """One pre-norm layer; kv: this layer's cached (k, v) or None (see `Attention`). Returns (x, new kv)."""
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
-        h = x + Attention(cfg, name="self_attn")(norm("input_layernorm")(x), cos, sin, segment_ids, query_valid)
+        cache = None if kv is None else (*kv, key_segment_ids, start)
+        attended, kv = Attention(cfg, name="self_attn")(norm("input_layernorm")(x), cos, sin, segment_ids,
+                                                         query_valid, cache)
+        h = x + attended
         out = h + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(h))
-        return constrain(out, ("activation_batch", "activation_length", "activation_embed")), None
+        return constrain(out, ("activation_batch", "activation_length", "activation_embed")), kv
+
+
+@struct.dataclass
+class KVCache:
+    """Every layer's keys (RoPE applied) and values over a whole canvas, with each column's segment id.
+
+    A forward pass given a cache covers a window of the canvas (columns [start, start + W) of each row): it writes
+    the window's keys and values in place and its queries attend to every column, the window's fresh keys and the
+    cached ones elsewhere. A pass over the whole canvas (start 0) fills the cache and computes exactly what a pass
+    without one does. Reusing the keys outside the window while their tokens change is an approximation: a prefix
+    cache windows everything after the prompt, a dual cache only the block being decoded.
+    """
+
+    k: jax.Array  # [layers, B, L, Hkv, D]
+    v: jax.Array  # [layers, B, L, Hkv, D]
+    segment_ids: jax.Array  # [B, L] int
+
+    @classmethod
+    def empty(cls, config: DreamConfig, segment_ids: jax.Array) -> KVCache:
+        """A zero cache for canvases laid out as `segment_ids` [B, L]."""
+        b, length = segment_ids.shape
+        shape = (config.num_layers, b, length, config.num_kv_heads, config.head_dim)
+        return cls(jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype), jnp.asarray(segment_ids))
 
 
 class Dream(nn.Module):
@@ -179,7 +224,7 @@ class Dream(nn.Module):
         if REMAT_POLICIES[cfg.remat_policy] is not None:
             layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
         self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
+                              in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
         self.lm_head = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
@@ -190,9 +235,13 @@ class Dream(nn.Module):
         return self.embed_tokens(input_ids)
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None, segment_ids=None, query_valid=None,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, cache: KVCache | None = None, cache_start: jax.Array | None = None):
         """input_ids [B, L] or inputs_embeds [B, L, H]; positions [B, L] (default arange);
-        segment_ids [B, L] (default: one segment); query_valid [B, L] bool (default: all valid)."""
+        segment_ids [B, L] (default: one segment); query_valid [B, L] bool (default: all valid).
+
+        cache: a `KVCache` over whole canvases of length >= L; the input is then the window of columns
+        [cache_start, cache_start + L) of each row (cache_start [B] int, default 0), attending to every cached
+        column (segment ids are then required), and the call returns (output, updated cache)."""
         cfg = self.config
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(cfg.dtype)
         b, l = x.shape[:2]
@@ -200,13 +249,45 @@ class Dream(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
         x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.dtype)
-        x, _ = self.layers(x, cos, sin, segment_ids, query_valid)
+        kv = key_segment_ids = None
+        if cache is not None:
+            kv, key_segment_ids = (cache.k, cache.v), cache.segment_ids
+            cache_start = jnp.zeros(b, jnp.int32) if cache_start is None else cache_start
+        x, kv = self.layers(x, cos, sin, segment_ids, query_valid, kv, key_segment_ids, cache_start)
         x = self.norm(x)
-        if return_hidden:
-            return x
-        return self.logits(x)
+        out = x if return_hidden else self.logits(x)
+        if cache is None:
+            return out
+        return out, cache.replace(k=kv[0], v=kv[1])
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final hidden states [B, L, H] -> logits [B, L, V] in the compute dtype."""
         logits = self.lm_head.attend(hidden)
         return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+class DecodeFunctions(NamedTuple):
+    """Dream as a decode loop calls it: MaskGIT's `tokens_to_logits`, split where a diffusion sampler needs it
+    (the final hidden states of a window of the canvas, then the vocabulary head on only the columns it reads)."""
+
+    embed: Callable[[Any, jax.Array], jax.Array]  # (params, ids [B, L]) -> embeddings [B, L, H]
+    hidden: Callable[..., Any]  # (params, embeds [B, W, H], positions [B, W], segment_ids [B, W], cache, start [B])
+    #                             -> final hidden [B, W, H], or (hidden, updated cache) when a KVCache is given
+    logits: Callable[[Any, jax.Array], jax.Array]  # (params, hidden [B, W, H]) -> logits [B, W, V]
+    empty_cache: Callable[[jax.Array], KVCache]  # (segment ids of the canvas [B, L]) -> zero cache
+
+
+@functools.lru_cache(maxsize=None)
+def decode_functions(config: DreamConfig) -> DecodeFunctions:
+    """The `DecodeFunctions` of a Dream with this config (one object per config, so jit caches keyed on it hit)."""
+    module = Dream(config)
+
+    def hidden(params, embeds, positions, segment_ids, cache=None, start=None):
+        return module.apply({"params": params}, inputs_embeds=embeds, positions=positions, segment_ids=segment_ids,
+                            return_hidden=True, cache=cache, cache_start=start)
+
+    return DecodeFunctions(
+        embed=lambda params, ids: module.apply({"params": params}, ids, method=Dream.embed),
+        hidden=hidden,
+        logits=lambda params, h: module.apply({"params": params}, h, method=Dream.logits),
+        empty_cache=lambda segment_ids: KVCache.empty(config, segment_ids))
