@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import glob
 import json
 import logging
@@ -31,6 +32,7 @@ import re
 import secrets
 import shutil
 import signal
+import sys
 import threading
 import zlib
 from pathlib import Path
@@ -370,10 +372,12 @@ def restore(path: str | os.PathLike, target: Mapping[str, jax.ShapeDtypeStruct])
     return dict(_restore_chunks(path, target))
 
 
-def _restore_chunks(path: str | os.PathLike, target: Mapping[str, jax.ShapeDtypeStruct]) -> Iterator[tuple[str, object]]:
-    """`restore`, yielding (path, leaf) as each chunk of about `_RESTORE_BYTES` is read."""
+def _restore_chunks(path: str | os.PathLike, target: Mapping[str, jax.ShapeDtypeStruct],
+                    stored: dict | None = None) -> Iterator[tuple[str, object]]:
+    """`restore`, yielding (path, leaf) as each chunk of about `_RESTORE_BYTES` is read. stored: the folder's
+    metadata when already read."""
     path = Path(path).absolute()
-    stored = _metadata(path)
+    stored = _metadata(path) if stored is None else stored
     problems = [f"{k}: not in the checkpoint" for k in target if k not in stored]
     problems += [f"{k}: stored with shape {tuple(stored[k].shape)}, expected {tuple(t.shape)}"
                  for k, t in target.items() if k in stored and tuple(stored[k].shape) != tuple(t.shape)]
@@ -384,39 +388,80 @@ def _restore_chunks(path: str | os.PathLike, target: Mapping[str, jax.ShapeDtype
         # a NumPy metadata leaf asks orbax for a host array, a ShapeDtypeStruct with a sharding for a jax.Array
         chunk[k] = t if t.sharding is not None else dataclasses.replace(stored[k], dtype=np.dtype(t.dtype))
         if n + 1 == len(target) or sum(_nbytes(c) for c in chunk.values()) >= _RESTORE_BYTES:
-            try:
-                with _context(partial_load=len(chunk) < len(stored)):
-                    loaded = flatten(ocp.load(path / PARAMS_DIR, unflatten(chunk)))
-            except Exception as e:  # noqa: BLE001 - orbax and TensorStore raise many types for damaged files
-                raise _damaged(path, e) from None
+            loaded = _load(path, chunk, partial=len(chunk) < len(stored))
             chunk = {}
             yield from loaded.items()
 
 
+def _load(path: Path, chunk: dict, partial: bool) -> dict:
+    """One orbax read of the flat `chunk`; a damaged file raises `_damaged`'s one line, and nothing else reaches
+    stderr (`_AbandonedReads`)."""
+    try:
+        with _context(partial_load=partial):
+            return flatten(ocp.load(path / PARAMS_DIR, unflatten(chunk)))
+    except Exception as e:  # noqa: BLE001 - orbax and TensorStore raise many types for damaged files
+        failure = _damaged(path, e)
+    if not isinstance(sys.unraisablehook, _AbandonedReads):
+        sys.unraisablehook = _AbandonedReads(sys.unraisablehook)
+    if not isinstance(sys.excepthook, _AbandonedReads):
+        sys.excepthook = _AbandonedReads(sys.excepthook)
+    gc.collect()  # the failed call's other reads, left in its closed event loop, are closed here
+    raise failure
+
+
+class _AbandonedReads:
+    """An unraisable-exception hook and excepthook that drop what a failed orbax read leaves behind: its other
+    reads, abandoned in a closed event loop, raise when they are closed ("Encountered error while reading array
+    index") and when TensorStore's threads complete them later ("Event loop is closed"), errors Python can only
+    print, as tracebacks of up to a thousand lines. Every other error goes to the previous hook."""
+
+    def __init__(self, previous: Callable):
+        self.previous = previous
+
+    def __call__(self, *args) -> None:
+        error = args[0].exc_value if len(args) == 1 else args[1]  # unraisablehook(info) or excepthook(type, value, tb)
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+                or str(error).startswith("Encountered error while reading array index")):
+            self.previous(*args)
+
+
 def verify(path: str | os.PathLike) -> list[str]:
     """Reads every stored leaf back and checks it against the checksum the writer recorded; returns one line per
-    problem (a damaged file, a leaf whose bytes changed, one missing or unlisted), [] when the folder is intact."""
+    problem (a damaged file, a leaf whose bytes changed, one missing or unlisted), [] when the folder is intact.
+    A folder written before checksums were recorded is still read through, for damaged files."""
     path = Path(path).absolute()
     listed = read_meta(path).get(CHECKSUMS)
+    problems = []
     if not isinstance(listed, dict):
-        return [f"{path / META_FILE}: no {CHECKSUMS!r} entry (written before checksums were recorded): nothing to "
-                "check against; import the checkpoint again"]
+        problems.append(f"{path / META_FILE}: no {CHECKSUMS!r} entry (written before checksums were recorded): "
+                        "its leaves are read but not compared; import the checkpoint again to record them")
     try:
-        stored = stored_leaves(path)
+        stored = _metadata(path)
     except CheckpointError as e:
-        return [str(e)]
-    problems = [f"{path}: parameter {k}: listed in {META_FILE} but not stored" for k in listed if k not in stored]
-    problems += [f"{path}: parameter {k}: stored but has no checksum in {META_FILE}" for k in stored
-                 if k not in listed]
-    for k in (k for k in stored if k in listed):  # one leaf at a time, so that each damaged one is reported
-        try:
-            (_, leaf), = _restore_chunks(path, {k: stored[k]})
-        except CheckpointError as e:
-            problems.append(str(e))
-            continue
-        if (found := checksum(leaf)) != listed[k]:
+        return problems + [str(e)]
+    if isinstance(listed, dict):
+        problems += [f"{path}: parameter {k}: listed in {META_FILE} but not stored" for k in listed if k not in stored]
+        problems += [f"{path}: parameter {k}: stored but has no checksum in {META_FILE}" for k in stored
+                     if k not in listed]
+    def check(k: str, leaf) -> None:
+        if isinstance(listed, dict) and k in listed and (found := checksum(leaf)) != listed[k]:
             problems.append(f"{path}: parameter {k}: checksum {found} does not match the recorded {listed[k]}: "
                             "its data changed on disk")
+
+    target = {k: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)) for k, m in stored.items()}
+    unread = dict(target)
+    try:
+        for k, leaf in _restore_chunks(path, target, stored):
+            check(k, leaf)
+            del unread[k]
+    except CheckpointError:  # a damaged file: the leaves not yet checked are read one by one, to name each one
+        for k, t in unread.items():
+            try:
+                (_, leaf), = _restore_chunks(path, {k: t}, stored)
+            except CheckpointError as e:
+                problems.append(str(e))
+                continue
+            check(k, leaf)
     return problems
 
 

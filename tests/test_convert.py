@@ -371,3 +371,128 @@ def test_background_writer_bounds_its_queue_and_raises_its_errors(tmp_path, monk
             ckpt.add_params({"boom": arrays["a0"]})
             ckpt.make_room(1 << 40)  # returns once the queue is empty: with the error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]
+
+
+def _leaf_file(folder, leaf="dream.lm_head.embedding"):
+    """The one chunk file of a small leaf of an orbax folder (plain zarr3: params/state/<leaf>/c/...)."""
+    (file,) = [p for p in (folder / "params" / "state" / leaf / "c").rglob("*") if p.is_file()]
+    return file
+
+
+def _missing_chunk(folder):
+    _leaf_file(folder).unlink()
+
+
+def _truncated_chunk(folder):
+    file = _leaf_file(folder)
+    file.write_bytes(file.read_bytes()[:file.stat().st_size // 2])
+
+
+DAMAGE = {  # what is done to an intact folder, and the words its one-line error must hold
+    "missing chunk": (_missing_chunk, "parameter dream/lm_head/embedding: NOT_FOUND"),
+    "truncated chunk": (_truncated_chunk, "parameter dream/lm_head/embedding: DATA_LOSS"),
+    "missing zarr.json": (lambda f: (f / "params/state/dream.norm.weight/zarr.json").unlink(),
+                          "parameter dream/norm/weight has no array metadata"),
+    "missing PyTree index": (lambda f: (f / "params/state/_METADATA").unlink(), "_METADATA is missing"),
+    "missing omnidiff.json": (lambda f: (f / orbax_io.META_FILE).unlink(), "no omnidiff.json"),
+    "corrupt omnidiff.json": (lambda f: (f / orbax_io.META_FILE).write_text('{"format": "omnidiff-orbax", '),
+                              "omnidiff.json: invalid JSON"),
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no stray asyncio tracebacks
+def test_damaged_folder_gives_one_line_naming_it(kind, f32, tmp_path, capfd):
+    damage, words = DAMAGE[kind]
+    folder = tmp_path / "damaged"
+    shutil.copytree(f32[1], folder)
+    damage(folder)
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder)
+    assert str(folder) in str(err.value) and words in str(err.value) and "\n" not in str(err.value)
+    capfd.readouterr()
+    assert main(["convert", "verify", str(folder)]) != 0
+    out = capfd.readouterr()
+    lines = (out.out + out.err).splitlines()
+    assert lines and all(str(folder) in line for line in lines), lines  # every line names the folder
+    assert any(words in line for line in lines) and "Traceback" not in out.err and "driver" not in out.err
+    assert len(lines) <= 2, lines
+
+
+def test_verify_detects_a_flipped_byte(f32, tmp_path, capsys):
+    assert verify_checkpoint(f32[1]) == []
+    assert main(["convert", "verify", str(f32[1])]) == 0 and "every parameter matches" in capsys.readouterr().out
+    folder = tmp_path / "flipped"
+    shutil.copytree(f32[1], folder)
+    file = _leaf_file(folder)
+    data = bytearray(file.read_bytes())
+    data[100] ^= 0x01  # one bit of a weight: the chunk still reads, with a different value
+    file.write_bytes(bytes(data))
+    (problem,) = verify_checkpoint(folder)
+    assert "parameter dream/lm_head/embedding: checksum" in problem and str(folder) in problem
+    assert main(["convert", "verify", str(folder)]) == 1
+    assert "dream/lm_head/embedding" in capsys.readouterr().out
+    assert np.asarray(load_model(folder).params["lm_head"]["embedding"]).any()  # loads unless asked to verify
+    with pytest.raises(CheckpointError, match="dream/lm_head/embedding: checksum"):
+        load_model(folder, verify=True)
+    with pytest.raises(CheckpointError, match="needs an orbax folder"):
+        load_model(f32[0], verify=True)
+
+
+# Imports src into dst in a child process that sends itself `signal` once half the tensors are written.
+SIGNAL_MIDWAY = """
+import os, signal, sys
+from omnidiff_jax.checkpoint import import_checkpoint
+
+def progress(tensors, nbytes):
+    seen = []
+    def on_tensor(key, n):
+        seen.append(key)
+        if len(seen) == tensors // 2:
+            os.kill(os.getpid(), getattr(signal, sys.argv[3]))
+    return on_tensor
+
+import_checkpoint(sys.argv[1], sys.argv[2], progress=progress)
+"""
+
+
+def _import_killed_midway(src, dst, signal_name):
+    env = {**os.environ, "XLA_FLAGS": ""}
+    return subprocess.run([sys.executable, "-c", SIGNAL_MIDWAY, str(src), str(dst), signal_name], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_kill_9_during_import_then_reimport_cleans_up(f32, tmp_path):
+    dst = tmp_path / "ckpt"
+    killed = _import_killed_midway(f32[0], dst, "SIGKILL")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (leftover,) = tmp_path.iterdir()  # a kill -9 leaves the staging folder, nothing at dst
+    assert leftover.name.startswith("ckpt.tmp-") and any(leftover.rglob("zarr.json"))
+    import_checkpoint(f32[0], dst)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # the next import into dst removed it
+    assert verify_checkpoint(dst) == []
+
+
+def test_sigterm_during_import_leaves_nothing(f32, tmp_path):
+    dst = tmp_path / "ckpt"
+    terminated = _import_killed_midway(f32[0], dst, "SIGTERM")
+    assert terminated.returncode == 128 + signal.SIGTERM, terminated.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_source_and_wrong_config_types_are_named(ref, tmp_path, capsys):
+    config, model, _ = ref
+    missing = tmp_path / "nowhere" / "Omni-Diffusion"
+    with pytest.raises(CheckpointError, match=f"{missing}: does not exist"):
+        import_checkpoint(missing, tmp_path / "out")
+    assert main(["convert", "import", str(missing), str(tmp_path / "out")]) == 2
+    assert f"{missing}: does not exist" in capsys.readouterr().err
+    for key, value, words in (("hidden_size", "64", "must be an integer, got '64'"),
+                              ("num_hidden_layers", 0, "must be positive, got 0"),
+                              ("rms_norm_eps", None, "must be a number, got None")):
+        src = _save(tmp_path / key, dict(model.state_dict()), {**config, key: value})
+        for read in (lambda: import_checkpoint(src, tmp_path / "out"), lambda: load_model(src)):
+            with pytest.raises(CheckpointError) as err:
+                read()
+            assert str(err.value) == f"{src / 'config.json'}: {key} {words}"
+    assert not (tmp_path / "out").exists()
