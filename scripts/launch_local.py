@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--processes and --devices-per-process must be >= 1")
     address = f"localhost:{free_port()}"
     procs = [start(command, i, args.processes, args.devices_per_process, address) for i in range(args.processes)]
+    print(f"launch_local: {address}, " + ", ".join(f"p{i} pid {p.pid}" for i, p in enumerate(procs)), file=sys.stderr,
+          flush=True)
     printers = [threading.Thread(target=relay, args=(p, f"[p{i}] "), daemon=True) for i, p in enumerate(procs)]
     for t in printers:
         t.start()
