@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 import jax
+import yaml
 
 from omnidiff_jax.convert.keymap import CONV1D, IDENTITY, LINEAR, KeyMap, Rule, flatten
 from omnidiff_jax.convert.sources import CheckpointError, Source, open_source
@@ -83,9 +84,9 @@ def speech_keymap(encoder_prefix: str = OMNI_ENCODER_PREFIX,
 
 def speech_target(encoder: SenseVoiceConfig, projector: ProjectorConfig | None) -> dict[str, jax.ShapeDtypeStruct]:
     """Flat {path: ShapeDtypeStruct} of the speech-input parameters (the encoder alone when projector is None)."""
-    tree = {"encoder": sensevoice.abstract_params(encoder)}
+    tree = {"encoder": jax.eval_shape(lambda: sensevoice.init_params(encoder))}
     if projector is not None:
-        tree["projector"] = projector_lib.abstract_params(projector)
+        tree["projector"] = jax.eval_shape(lambda: projector_lib.init_params(projector))
     return flatten(tree)
 
 
@@ -111,32 +112,60 @@ def load_speech_encoder(source: Source | str | os.PathLike, encoder: SenseVoiceC
     return keymap.load(speech, speech_target(encoder, projector), dtype=dtype)
 
 
-def load_sensevoice_small(path: str | os.PathLike, config: SenseVoiceConfig = SenseVoiceConfig.small(),
-                          dtype=None) -> tuple[dict, Cmvn]:
-    """A standalone SenseVoiceSmall, without a projector. Returns (encoder params, CMVN).
+# FunASR config.yaml `encoder_conf` fields -> SenseVoiceConfig fields
+_YAML_FIELDS = {"output_size": "output_size", "attention_heads": "num_heads", "linear_units": "linear_units",
+                "num_blocks": "num_blocks", "tp_blocks": "tp_blocks", "kernel_size": "kernel_size"}
 
-    `path`: its released folder (`model.pt` + `am.mvn`), a folder holding `model.safetensors` + `am.mvn`, or
-    the weights file itself (`.pt` or a `.safetensors` state dict with the bare SenseVoice names) with `am.mvn`
-    beside it. The CTC head, if present, is dropped.
-    """
-    path = Path(path)
+
+def _weights_file(path: Path) -> Path:
+    """A standalone SenseVoiceSmall's weights: `path` itself, or the model.safetensors / model.pt in the folder."""
     if path.is_dir():
         found = [path / name for name in ("model.safetensors", "model.pt") if (path / name).is_file()]
         if not found:
             raise CheckpointError(f"{path}: holds neither model.safetensors nor model.pt (SenseVoiceSmall weights)")
-        weights = found[0]
-    else:
-        weights = path
-    if not weights.exists():
-        raise CheckpointError(f"{weights}: does not exist (expected SenseVoiceSmall's model.pt or a safetensors "
+        return found[0]
+    if not path.exists():
+        raise CheckpointError(f"{path}: does not exist (expected SenseVoiceSmall's model.pt or a safetensors "
                               f"state dict)")
+    return path
+
+
+def sensevoice_small_config(path: str | os.PathLike) -> SenseVoiceConfig:
+    """The encoder shape of a standalone SenseVoiceSmall (folder or weights file): from the FunASR `config.yaml`
+    beside the weights (`encoder_conf`; `frontend_conf` n_mels x lfr_m for the input width) if there is one, else
+    `SenseVoiceConfig.small()`. bf16, like `small()`."""
+    config = _weights_file(Path(path)).parent / "config.yaml"
+    if not config.exists():
+        return SenseVoiceConfig.small()
+    try:
+        raw = yaml.safe_load(config.read_text()) or {}
+        encoder, frontend = raw.get("encoder_conf") or {}, raw.get("frontend_conf") or {}
+        fields = {ours: int(encoder[theirs]) for theirs, ours in _YAML_FIELDS.items() if theirs in encoder}
+        if "n_mels" in frontend and "lfr_m" in frontend:
+            fields["input_size"] = int(frontend["n_mels"]) * int(frontend["lfr_m"])
+        return SenseVoiceConfig.small(**fields)
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{config}: not a readable SenseVoiceSmall config.yaml ({e})") from None
+
+
+def load_sensevoice_small(path: str | os.PathLike, config: SenseVoiceConfig | None = None,
+                          dtype=None) -> tuple[dict, Cmvn]:
+    """A standalone SenseVoiceSmall, without a projector. Returns (encoder params, CMVN).
+
+    `path`: its released folder (`model.pt` + `am.mvn` + `config.yaml`), a folder holding `model.safetensors` +
+    `am.mvn`, or the weights file itself (`.pt` or a `.safetensors` state dict with the bare SenseVoice names)
+    with `am.mvn` beside it. config: the encoder's shape (default: `sensevoice_small_config(path)`). The CTC
+    head, if present, is dropped.
+    """
+    weights = _weights_file(Path(path))
     mvn = weights.parent / "am.mvn"
     if not mvn.exists():
         raise CheckpointError(f"{mvn}: does not exist (SenseVoiceSmall ships its CMVN statistics as am.mvn "
                               f"beside its weights)")
+    config = sensevoice_small_config(path) if config is None else config
     params = load_speech_encoder(weights, config, None, encoder_prefix="", dtype=dtype)
     return params["encoder"], read_am_mvn(mvn)
 
 
 __all__ = ["OMNI_ENCODER_PREFIX", "OMNI_PROJECTOR_PREFIX", "encoder_rules", "projector_rules", "speech_keymap",
-           "speech_target", "load_speech_encoder", "load_sensevoice_small"]
+           "speech_target", "load_speech_encoder", "load_sensevoice_small", "sensevoice_small_config"]

@@ -29,7 +29,7 @@ import numpy as np
 
 from omnidiff_jax import fbank
 from omnidiff_jax.audio_io import AudioError, load_audio
-from omnidiff_jax.convert.sensevoice import load_sensevoice_small, load_speech_encoder
+from omnidiff_jax.convert.sensevoice import load_sensevoice_small, load_speech_encoder, sensevoice_small_config
 from omnidiff_jax.convert.sources import Source
 from omnidiff_jax.fbank import SENSEVOICE_CMVN, Cmvn
 from omnidiff_jax.models import projector as projector_lib
@@ -135,11 +135,12 @@ def load_speech_input(source: Source | str | os.PathLike, encoder: SenseVoiceCon
     return SpeechInput(encoder, projector, params, cmvn)
 
 
-def load_sensevoice(path: str | os.PathLike, encoder: SenseVoiceConfig = SenseVoiceConfig.small(),
+def load_sensevoice(path: str | os.PathLike, encoder: SenseVoiceConfig | None = None,
                     dtype: str | None = None) -> SpeechInput:
     """A standalone SenseVoiceSmall as a `SpeechInput` without a projector: its released folder (`model.pt` +
-    `am.mvn`), a folder with `model.safetensors` + `am.mvn`, or the weights file with `am.mvn` beside it."""
-    encoder = _with_dtype(encoder, dtype)
+    `am.mvn` + `config.yaml`), a folder with `model.safetensors` + `am.mvn`, or the weights file with `am.mvn`
+    beside it. encoder: its shape (default: the `config.yaml` beside the weights, else SenseVoiceSmall's)."""
+    encoder = _with_dtype(sensevoice_small_config(path) if encoder is None else encoder, dtype)
     params, cmvn = load_sensevoice_small(path, encoder, dtype=encoder.param_dtype)
     return SpeechInput(encoder, None, {"encoder": params}, cmvn)
 

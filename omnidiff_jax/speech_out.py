@@ -225,6 +225,27 @@ def _row_keys(seed: int, rows: Sequence[int], stream: int):
     return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, i), stream))(jnp.asarray(rows))
 
 
+def _bucket_groups(rows: Sequence[np.ndarray]) -> list[list[int]]:
+    """Utterance indices grouped by code-length bucket, shortest bucket first."""
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(token_bucket(len(r)), []).append(i)
+    return [members for _, members in sorted(groups.items())]
+
+
+def decode_mel(codes, decoder: SpeechDecoder, *, seed: int = 0) -> list[np.ndarray]:
+    """The flow's mel spectrograms of a batch of code sequences: float32 [80, frames] per utterance (the
+    reference's layout), exactly the mels `decode_speech` with the same seed vocodes."""
+    rows = check_codes(codes, decoder.flow_config.vocab_size)
+    out: list[np.ndarray] = [None] * len(rows)  # type: ignore[list-item]
+    for members in _bucket_groups(rows):
+        mel, frames = decoder.mel([rows[i] for i in members], keys=_row_keys(seed, members, 0))
+        mel = np.asarray(mel)
+        for j, i in enumerate(members):
+            out[i] = mel[j, :frames[j]].T
+    return out
+
+
 def decode_speech(codes, decoder: SpeechDecoder, *, seed: int = 0) -> list[np.ndarray]:
     """Decodes a batch of GLM-4-Voice code sequences to float32 waveforms at 22050 Hz, one per utterance.
 
@@ -232,14 +253,28 @@ def decode_speech(codes, decoder: SpeechDecoder, *, seed: int = 0) -> list[np.nd
     position and value of the first bad code, or an empty utterance.
     """
     rows = check_codes(codes, decoder.flow_config.vocab_size)
-    groups: dict[int, list[int]] = {}
-    for i, r in enumerate(rows):
-        groups.setdefault(token_bucket(len(r)), []).append(i)
     out: list[np.ndarray] = [None] * len(rows)  # type: ignore[list-item]
     hop = decoder.hift_config.samples_per_frame
-    for _, members in sorted(groups.items()):
+    for members in _bucket_groups(rows):
         mel, frames = decoder.mel([rows[i] for i in members], keys=_row_keys(seed, members, 0))
         waves = decoder.vocode(mel, frames, keys=_row_keys(seed, members, 1))
         for j, i in enumerate(members):
             out[i] = waves[j, :frames[j] * hop]
     return out
+
+
+NOISE_ARRAYS = {"z": "[80, frames], the flow's starting noise", "phases": "[9], the sine generator's phases",
+                "sine_noise": "[9, 256 frames], the sine generator's noise"}  # a noise file, the reference's layout
+
+
+def decode_with_noise(codes, decoder: SpeechDecoder, noise: dict, *, mel_only: bool = False) -> np.ndarray:
+    """One utterance decoded with the given noise in the reference's layout (`NOISE_ARRAYS`; `z` alone for the
+    mel): the mel [80, frames] if `mel_only`, else the waveform [256 frames]."""
+    for key in list(NOISE_ARRAYS)[:1 if mel_only else 3]:
+        if key not in noise:
+            raise ValueError(f"the noise holds no {key!r} array ({NOISE_ARRAYS[key]})")
+    mel, frames = decoder.mel([codes], noise=[noise["z"]])
+    if mel_only:
+        return np.asarray(mel)[0, :frames[0]].T
+    wave = decoder.vocode(mel, frames, phases=[noise["phases"]], noise=[noise["sine_noise"]])
+    return wave[0, :frames[0] * decoder.hift_config.samples_per_frame]

@@ -138,6 +138,11 @@ class SpeechTokenizer:
         """How many ways a batch is split (the mesh's data x fsdp; 1 without a mesh)."""
         return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
+    def batch_rows(self, segments: int) -> int:
+        """Rows of every device call of a `tokenize` call with `segments` 30 s segments: at most batch_size, and
+        no more than the segments fill (rounded up to a multiple of the mesh's data-parallel ways)."""
+        return min(self.batch_size, -(-segments // self._ways) * self._ways)
+
     @property
     def samples_per_code(self) -> int:
         return HOP * self.config.mel_frames_per_code
@@ -167,7 +172,7 @@ class SpeechTokenizer:
         segments = [(i, start) for i, clip in enumerate(clips) for start in range(0, len(clip), CHUNK_SAMPLES)]
         seg_len = lambda s: min(CHUNK_SAMPLES, len(clips[s[0]]) - s[1])  # noqa: E731
         order = sorted(segments, key=seg_len, reverse=True)  # similar lengths share a batch
-        rows = min(self.batch_size, -(-len(order) // self._ways) * self._ways)
+        rows = self.batch_rows(len(order))
         pending = []
         for first in range(0, len(order), rows):
             batch = order[first:first + rows]

@@ -24,7 +24,9 @@ from omnidiff_jax.models.sensevoice import SenseVoiceConfig, position_table
 from omnidiff_jax.speech_in import (expand_audio_placeholders, load_sensevoice, load_speech_input, load_wave,
                                     scatter_audio)
 from omnidiff_jax.vocab import TokenLayout
+from torch_ref import dream as dream_ref
 from torch_ref import sensevoice as ref
+from torch_ref.omni import TINY_SPEECH
 
 LENGTHS = (7, 3, 12)  # LFR frames of a mixed-length batch
 
@@ -396,3 +398,57 @@ def test_cli_features(assets, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert main(["audio", "features", str(tmp_path / "nope.wav")]) == 2
     assert "nope.wav" in capsys.readouterr().err
+
+
+SENSEVOICE_YAML = """encoder: SenseVoiceEncoderSmall
+encoder_conf:
+    output_size: 32
+    attention_heads: 2
+    linear_units: 64
+    num_blocks: 3
+    tp_blocks: 2
+    dropout_rate: 0.1
+    kernel_size: 11
+    sanm_shfit: 0
+frontend: WavFrontend
+frontend_conf:
+    fs: 16000
+    n_mels: 80
+    lfr_m: 7
+    lfr_n: 6
+    cmvn_file: am.mvn
+"""
+
+
+def test_cli_encode(reference, assets, tmp_path, capsys):
+    """`omnidiff audio encode`: a released-style SenseVoiceSmall folder (its shape from config.yaml), or an
+    Omni-Diffusion folder with the projector, against the torch reference on our (separately tested) features."""
+    r, wav = reference, assets / "s2i_0.wav"
+    folder = tmp_path / "SenseVoiceSmall"
+    folder.mkdir()
+    for name in ("model.pt", "am.mvn"):
+        (folder / name).write_bytes((r["standalone"] / name).read_bytes())
+    (folder / "config.yaml").write_text(SENSEVOICE_YAML)
+    feats = fbank.features(load_wave(wav))
+    with torch.no_grad():
+        theirs = r["sv"].inference_encode(torch.from_numpy(feats)[None], torch.tensor([len(feats)]))[0][0].numpy()
+
+    out32, out16 = tmp_path / "enc32.npy", tmp_path / "enc16.npy"
+    args = ["audio", "encode", str(wav), "--sensevoice", str(folder)]
+    assert main(args + ["--out", str(out32), "--dtype", "float32"]) == 0
+    assert "210 x 32 float32 (float32 compute)" in capsys.readouterr().out
+    np.testing.assert_allclose(np.load(out32), theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+    assert main(args + ["--out", str(out16)]) == 0  # bfloat16, the reference's numerics, by default
+    assert 1e-3 < rel(np.load(out16), theirs) < 5e-2
+    assert main(args + ["--out", str(out16)]) == 2 and "exists" in capsys.readouterr().err
+    assert main(args + ["--out", str(tmp_path / "x.npy"), "--projector"]) == 2
+    assert "--projector needs --checkpoint" in capsys.readouterr().err
+
+    c = dream_ref.tiny_hf_config(omnidiff_speech=TINY_SPEECH)
+    hf = dream_ref.save_hf(dream_ref.random_dream(c), tmp_path / "hf", c, extra=ref.omni_state(r["sv"], r["proj"]))
+    projected = tmp_path / "projected.npy"
+    assert main(["audio", "encode", str(wav), "--checkpoint", str(hf), "--projector", "--dtype", "float32",
+                 "--out", str(projected)]) == 0
+    with torch.no_grad():
+        want = r["proj"](torch.from_numpy(theirs)).numpy()
+    np.testing.assert_allclose(np.load(projected), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

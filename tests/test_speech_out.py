@@ -307,3 +307,50 @@ def test_cli_decode(ref, decoder, codes, tmp_path, capsys):
     assert main(["audio", "decode", str(src), str(unwritable), "--decoder", folder]) == 2
     assert "cannot be written" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no partial or temporary files
+
+
+def test_cli_decode_mel_only_and_reference_noise(ref, codes, tmp_path, capsys):
+    """--mel-only writes the flow's mel [80, T]; --noise (the reference's draws, its layout) reproduces the
+    reference's mel and waveform."""
+    flow, hift, folder = ref
+    c = codes[1]
+    src = tmp_path / "codes.txt"
+    src.write_text(" ".join(map(str, c.tolist())))
+    mel_ref = flow.inference(c[None])
+    frames = mel_ref.shape[-1]
+    torch.manual_seed(42)
+    z = torch.randn(1, MEL, frames)[0].numpy()
+    torch.manual_seed(3)
+    wave_ref, _ = hift(mel_ref)
+    torch.manual_seed(3)
+    phases = torch.distributions.Uniform(-np.pi, np.pi).sample((1, 9, 1))[0, :, 0].numpy()
+    sine_noise = torch.randn(1, 9, 256 * frames)[0].numpy()
+    noise = tmp_path / "noise.npz"
+    np.savez(noise, z=z, phases=phases, sine_noise=sine_noise)
+    decode = ["audio", "decode", str(src)]
+
+    mel = tmp_path / "mel.npy"
+    assert main(decode + [str(mel), "--decoder", str(folder), "--mel-only", "--noise", str(noise)]) == 0
+    assert f"mel [{MEL}, {frames}]" in capsys.readouterr().out
+    assert rel(np.load(mel), mel_ref[0].numpy()) < 1e-4
+    wav = tmp_path / "out.wav"
+    assert main(decode + [str(wav), "--decoder", str(folder), "--noise", str(noise)]) == 0
+    wave, _ = sf.read(wav, dtype="float32")
+    assert np.abs(wave - wave_ref[0].numpy()).max() < 2e-3  # 16-bit PCM, float32 noise of the reference
+
+    seeded = [tmp_path / f"seeded{k}.npy" for k in range(3)]
+    for path, seed in zip(seeded, (3, 3, 4)):
+        assert main(decode + [str(path), "--decoder", str(folder), "--mel-only", "--seed", str(seed)]) == 0
+    a, b, other = (np.load(p) for p in seeded)
+    assert a.shape == (MEL, frames) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - other).max() > 1e-2
+    assert main(decode + [str(tmp_path / "mel.wav"), "--decoder", str(folder), "--mel-only"]) == 2
+    assert "--mel-only writes a .npy file" in capsys.readouterr().err
+    np.savez(noise, z=z)
+    assert main(decode + [str(tmp_path / "x.wav"), "--decoder", str(folder), "--noise", str(noise)]) == 2
+    assert "no 'phases' array" in capsys.readouterr().err
+    np.savez(noise, z=z[:, :-1])
+    assert main(decode + [str(tmp_path / "x.npy"), "--decoder", str(folder), "--noise", str(noise),
+                          "--mel-only"]) == 2
+    assert "do not match the utterances' [mel bins, frames]" in capsys.readouterr().err

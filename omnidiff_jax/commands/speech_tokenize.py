@@ -20,6 +20,8 @@ def register(group) -> None:
     p.add_argument("--tokenizer", required=True, metavar="PATH",
                    help="THUDM/glm-4-voice-tokenizer folder (config.json + model.safetensors)")
     p.add_argument("--out", metavar="FILE", help="write the codes here: .npy for an int32 array, else text")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="at most N 30 s segments per device call (default 8; a clip under 30 s runs at batch 1)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run)
 
@@ -28,6 +30,8 @@ def run(args) -> int:
     from omnidiff_jax.audio_io import load_audio
     from omnidiff_jax.speech_tokenizer import SAMPLE_RATE, SpeechTokenizer
 
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     out = None if args.out is None else Path(args.out)
     if out is not None:
         if out.exists() and not args.overwrite:
@@ -35,7 +39,7 @@ def run(args) -> int:
         if not out.parent.is_dir():
             raise FileNotFoundError(f"{out}: folder {out.parent} does not exist")
     wave, _ = load_audio(args.input, SAMPLE_RATE, channel=0)  # a bad file fails before the checkpoint is read
-    codes, lengths = SpeechTokenizer.load(args.tokenizer).tokenize([wave])
+    codes, lengths = SpeechTokenizer.load(args.tokenizer, batch_size=args.batch_size).tokenize([wave])
     codes = codes[0, :lengths[0]]
     text = " ".join(map(str, codes.tolist())) + "\n"
     if out is None:
