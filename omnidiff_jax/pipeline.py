@@ -36,10 +36,12 @@ import numpy as np
 
 from omnidiff_jax import adaptive_length, sampler
 from omnidiff_jax.checkpoint import load_model
+from omnidiff_jax.image import ImageTokenizer, to_uint8
 from omnidiff_jax.model import OmniModel
 from omnidiff_jax.models.dream import DreamConfig
 from omnidiff_jax.request import Request, RequestError, check_request
 from omnidiff_jax.sampler import Prompt
+from omnidiff_jax.speech_out import SpeechDecoder, decode_speech
 from omnidiff_jax.tasks import build_prompt, fit_image_codes, split_output, task_content
 from omnidiff_jax.text_tokenizer import ByteTokenizer, HFTokenizer, TextTokenizer
 
@@ -77,8 +79,8 @@ class Pipeline:
 
     model: OmniModel
     tokenizer: TextTokenizer | None
-    image_tokenizer: object | None = None
-    speech_decoder: object | None = None
+    image_tokenizer: ImageTokenizer | None = None
+    speech_decoder: SpeechDecoder | None = None
     batch_size: int = 8
     seed: int = 0
     generated_image_codes: int = GENERATED_IMAGE_CODES  # codes of one generated image (a square)
@@ -97,10 +99,8 @@ class Pipeline:
             model = load_model(model, dtype=dtype, mesh=mesh)
         images = speech = None
         if image_tokenizer is not None:
-            from omnidiff_jax.image import ImageTokenizer
             images = ImageTokenizer.load(image_tokenizer, mesh=mesh)
         if speech_decoder is not None:
-            from omnidiff_jax.speech_out import SpeechDecoder
             speech = SpeechDecoder.load(speech_decoder)
         return cls(model, text_tokenizer(model), images, speech, batch_size, seed)
 
@@ -148,9 +148,10 @@ class Pipeline:
                                    f"vocabulary [0, {config.vocab_size})")
             prompt = Prompt(ids.astype(np.int32))
         else:
+            tokenizer = self._tokenizer(request)
             image_codes = [self._encode_image(request)] if request.image is not None else []
             audio_embeds = [self._encode_audio(request)] if request.audio is not None else []
-            prompt = build_prompt(self._tokenizer(request), layout, content=task_content(preset.content, request.text),
+            prompt = build_prompt(tokenizer, layout, content=task_content(preset.content, request.text),
                                   system=preset.system, image_codes=image_codes, audio_embeds=audio_embeds,
                                   chat=preset.chat)
         settings = dict(alg=preset.alg, temperature=preset.temperature, top_p=preset.top_p, top_k=preset.top_k,
@@ -206,6 +207,10 @@ class Pipeline:
                                "lacks (no model.audio_model.* keys)")
         _check_file(request.audio, request, "audio")
         feats, lengths = speech.features([request.audio])
+        limit = self.model.config.max_position_embeddings
+        if lengths[0] + 4 > limit:  # refused before the speech encoder runs
+            raise RequestError(f"{request.name}: the audio gives {lengths[0]} LFR frames, {lengths[0] + 4} prompt "
+                               f"positions, beyond the model's {limit}")
         embeds, slots = speech.embed(feats, lengths)
         return np.asarray(embeds[0, :int(slots[0])])
 
@@ -260,7 +265,6 @@ class Pipeline:
             if warning:
                 result["warnings"].append(warning)
             if len(codes) and self.image_tokenizer is not None:
-                from omnidiff_jax.image import to_uint8
                 result["image"] = to_uint8(self.image_tokenizer.decode_codes(codes[None])[0])
             elif len(codes):
                 result["warnings"].append("no image tokenizer loaded: image codes returned without pixels")
@@ -268,7 +272,6 @@ class Pipeline:
             if not parsed.audio_codes:
                 result["warnings"].append("no speech codes were generated")
             elif self.speech_decoder is not None:
-                from omnidiff_jax.speech_out import decode_speech
                 [wave] = decode_speech([parsed.audio_codes], self.speech_decoder, seed=job.settings["seed"])
                 result["wav"], result["sample_rate"] = wave, self.speech_decoder.sample_rate
             else:
