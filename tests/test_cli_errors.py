@@ -8,8 +8,10 @@ import shutil
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.errors import JaxRuntimeError
 
 from omnidiff_jax import cli
 from omnidiff_jax.convert.sources import write_safetensors
@@ -97,6 +99,13 @@ def test_a_bug_is_one_line_too_with_status_1(tmp_path, capsys, monkeypatch):
     assert cli.main(["train", "--config", CONFIG]) == 1
     line = error_line(capsys)
     assert "internal error" in line and "TypeError: unsupported operand" in line and "--debug" in line
+
+
+def test_device_out_of_memory_is_a_user_error():
+    with pytest.raises(JaxRuntimeError) as e:
+        jnp.zeros((1 << 40,), jnp.float32).block_until_ready()  # 4 TiB
+    status, message = cli.describe(e.value)
+    assert status == 2 and message.startswith("out of device memory (RESOURCE_EXHAUSTED") and "\n" not in message
 
 
 # ------------------------------------------------------------------------------------------------ config and files
