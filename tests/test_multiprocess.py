@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from test_train_data import write_tiny_dataset
 
+from omnidiff_jax import init_model
+from omnidiff_jax.checkpoint import export_checkpoint, import_checkpoint
 from omnidiff_jax.cli import main as omnidiff
 from omnidiff_jax.convert.keymap import flatten
 from omnidiff_jax.train.checkpoints import load_run_params
@@ -141,3 +143,30 @@ def test_generate_over_two_processes_matches_one(env, tmp_path):
     two = (tmp_path / "two" / "manifest.jsonl").read_text().splitlines()
     assert len(two) == len(prompts)
     assert two == (tmp_path / "one" / "manifest.jsonl").read_text().splitlines()
+
+
+def test_each_process_reads_about_its_own_slices(env, tmp_path):
+    """`load_model(path, mesh=...)` with the tensor axis across 2 processes (1 device each): the bytes each process
+    reads (tests/multiprocess_load.py: /proc/self/io, orbax's reads counted as rchar, the memory-mapped
+    safetensors as read_bytes after dropping the folder from the page cache, one process at a time). The MLP
+    kernels (64 MB each) span two of orbax's 32 MB chunks, so each process reads about half of the orbax folder;
+    from safetensors it reads the row halves of gate/up but whole rows of down_proj (split on its minor axis),
+    plus the kernel's read-ahead around each fault."""
+    model = init_model("tiny", hidden_size=1024, intermediate_size=16384, num_layers=1)
+    export_checkpoint(model, tmp_path / "hf")
+    import_checkpoint(tmp_path / "hf", tmp_path / "orbax")
+    del model
+    out = tmp_path / "read.json"
+    proc = subprocess.Popen([sys.executable, str(LAUNCH), "--processes", "2", "--devices-per-process", "1",
+                             "--timeout", "240", "--", sys.executable, str(ROOT / "tests" / "multiprocess_load.py"),
+                             str(tmp_path), str(out), "1,1,2"], env=env["env"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    finish(proc)
+    reports = [json.loads(Path(f"{out}.{i}").read_text()) for i in range(2)]
+    for r in reports:
+        orbax, hf = r["orbax"], r["hf"]
+        assert orbax["held"] < 0.51 * orbax["folder"]
+        assert orbax["held"] <= orbax["read"] < 0.6 * orbax["folder"], orbax
+        if hf["read"] == 0:
+            pytest.skip("this filesystem keeps the files in memory (tmpfs?): storage reads cannot be counted")
+        assert hf["held"] <= hf["read"] < 0.9 * hf["folder"], hf
