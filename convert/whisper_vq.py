@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from omnidiff_jax.convert.keymap import CONV1D, IDENTITY, LINEAR, KeyMap, Rule, flatten
 from omnidiff_jax.convert.sources import CheckpointError, Source, open_source, read_json
+from omnidiff_jax.models import abstract_params
 from omnidiff_jax.models.whisper_vq import WhisperVQConfig, WhisperVQEncoder
 
 log = logging.getLogger(__name__)
@@ -115,12 +116,10 @@ def read_config(folder: str | Path) -> WhisperVQConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def abstract_params(config: WhisperVQConfig) -> dict:
+def whisper_vq_target(config: WhisperVQConfig) -> dict[str, jax.ShapeDtypeStruct]:
     """Flat {path: ShapeDtypeStruct} of the encoder's float32 parameters, without allocating them."""
     mel = jnp.zeros((1, 2 * config.pooling_kernel_size, config.num_mel_bins), jnp.float32)
-    valid = jnp.ones(mel.shape[:2], bool)
-    shapes = jax.eval_shape(lambda: WhisperVQEncoder(config).init(jax.random.key(0), mel, valid))["params"]
-    return flatten(nn.meta.unbox(shapes))
+    return flatten(nn.meta.unbox(abstract_params(WhisperVQEncoder(config), mel, jnp.ones(mel.shape[:2], bool))))
 
 
 def load_checkpoint(path: str | Path) -> tuple[WhisperVQConfig, dict]:
@@ -133,4 +132,4 @@ def load_checkpoint(path: str | Path) -> tuple[WhisperVQConfig, dict]:
         raise CheckpointError(f"{path}: does not exist")
     config = read_config(path if path.is_dir() else path.parent)
     source = encoder_view(open_source(path), config)
-    return config, whisper_vq_keymap().load(source, abstract_params(config), dtype="float32")
+    return config, whisper_vq_keymap().load(source, whisper_vq_target(config), dtype="float32")

@@ -34,6 +34,7 @@ from omnidiff_jax.convert.keymap import flatten, unflatten
 from omnidiff_jax.convert.magvit import config_from_source, magvit_keymap, open_checkpoint, save_reference
 from omnidiff_jax.convert.sources import CheckpointError
 from omnidiff_jax.files import atomic_write
+from omnidiff_jax.models import abstract_params
 from omnidiff_jax.models.magvit import CODEBOOK_SIZE, Magvit, MagvitConfig
 
 SIZES = (256, 512)  # generated / assistant images, user images
@@ -151,11 +152,10 @@ def check_codes(codes, name: str = "codes") -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ the tokenizer
 
-def abstract_params(config: MagvitConfig) -> dict:
-    """ShapeDtypeStructs of the parameters (nested dict), without allocating anything."""
+def magvit_target(config: MagvitConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """Flat {path: ShapeDtypeStruct} of the MAGVIT-v2 parameters, without allocating anything."""
     f = config.downsample_factor
-    images = jnp.zeros((1, f, f, 3), jnp.float32)
-    return jax.eval_shape(lambda: Magvit(config).init(jax.random.key(0), images))["params"]
+    return flatten(abstract_params(Magvit(config), jnp.zeros((1, f, f, 3), jnp.float32)))
 
 
 @dataclasses.dataclass
@@ -180,11 +180,11 @@ class ImageTokenizer:
                 raise CheckpointError(f"{path}: an omnidiff checkpoint without a MAGVIT-v2 ({ORBAX_KEY!r} metadata)")
             config = MagvitConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta[ORBAX_KEY].items()})
             target = {f"{ORBAX_KEY}/{k}": jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=place)
-                      for k, v in flatten(abstract_params(config)).items()}
+                      for k, v in magvit_target(config).items()}
             return cls(config, unflatten(orbax_io.restore(path, target))[ORBAX_KEY], mesh)
         source = open_checkpoint(path)
         config = config_from_source(source)
-        target = flatten(abstract_params(config))
+        target = magvit_target(config)
         params = magvit_keymap().load(source, target, dtype=np.float32, shardings={k: place for k in target})
         return cls(config, params, mesh)
 

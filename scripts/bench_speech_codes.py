@@ -17,7 +17,7 @@ import torch
 
 from omnidiff_jax.audio_io import load_audio
 from omnidiff_jax.convert.sources import in_memory
-from omnidiff_jax.convert.whisper_vq import abstract_params, whisper_vq_keymap
+from omnidiff_jax.convert.whisper_vq import whisper_vq_keymap, whisper_vq_target
 from omnidiff_jax.models.whisper_vq import WhisperVQConfig
 from omnidiff_jax.speech_tokenizer import SpeechTokenizer
 from torch_ref import whisper_vq as ref
@@ -39,7 +39,7 @@ def main():
     model = ref.random_whisper_vq(ref.tiny_config(**(GLM4VOICE if glm else {})))
     config = WhisperVQConfig.glm4voice() if glm else WhisperVQConfig.tiny()
     state = {k: v.numpy() for k, v in model.state_dict().items()}
-    params = whisper_vq_keymap().load(in_memory(state), abstract_params(config), dtype="float32")
+    params = whisper_vq_keymap().load(in_memory(state), whisper_vq_target(config), dtype="float32")
     fe = ref.feature_extractor()
     speech, _ = load_audio(benchlib.DATA / "asr_0.wav")
     n = int(args.seconds * 16000)

@@ -15,7 +15,7 @@ from omnidiff_jax import cli
 from omnidiff_jax.convert.keymap import ConversionError, flatten
 from omnidiff_jax.convert.magvit import config_from_source, magvit_keymap
 from omnidiff_jax.convert.sources import CheckpointError, Source, TensorRef
-from omnidiff_jax.image import (ImageError, ImageTokenizer, abstract_params, check_codes, load_image, preprocess,
+from omnidiff_jax.image import (ImageError, ImageTokenizer, check_codes, load_image, magvit_target, preprocess,
                                 read_image, to_uint8, write_png)
 from omnidiff_jax.models.magvit import MagvitConfig, lfq_codes, lfq_latents
 from omnidiff_jax.sharding import make_mesh
@@ -66,7 +66,7 @@ def test_real_key_list_maps_completely():
     source = Source({k: TensorRef(k, s, np.dtype(np.float32), "keys", lambda: None) for k, s in shapes.items()},
                     str(KEYS))
     assert config_from_source(source) == MagvitConfig()
-    target = flatten(abstract_params(MagvitConfig()))
+    target = magvit_target(MagvitConfig())
     plan = magvit_keymap().plan(shapes, {k: v.shape for k, v in target.items()})
     assert len(plan.entries) == 380 and set(plan.dropped) == {"quantize.embedding", "quantize.power_vals"}
     count = lambda prefix: sum(int(np.prod(v.shape)) for k, v in target.items() if k.startswith(prefix))  # noqa

@@ -63,9 +63,4 @@ def init_params(config: ProjectorConfig, seed: int = 0) -> dict:
     return Projector(config).init(jax.random.key(seed), jnp.zeros((1, config.input_size)))["params"]
 
 
-def abstract_params(config: ProjectorConfig) -> dict:
-    """ShapeDtypeStructs of the parameters, without allocating anything."""
-    return jax.eval_shape(lambda: init_params(config))
-
-
-__all__ = ["ProjectorConfig", "Projector", "init_params", "abstract_params"]
+__all__ = ["ProjectorConfig", "Projector", "init_params"]

@@ -258,10 +258,4 @@ def init_params(config: SenseVoiceConfig, seed: int = 0) -> dict:
     return SenseVoiceEncoder(config).init(jax.random.key(seed), feats, lengths)["params"]
 
 
-def abstract_params(config: SenseVoiceConfig) -> dict:
-    """ShapeDtypeStructs of the parameters, without allocating anything."""
-    return jax.eval_shape(lambda: init_params(config))
-
-
-__all__ = ["SenseVoiceConfig", "SenseVoiceEncoder", "LayerNorm", "position_table", "init_params",
-           "abstract_params", "scale"]
+__all__ = ["SenseVoiceConfig", "SenseVoiceEncoder", "LayerNorm", "position_table", "init_params", "scale"]
