@@ -439,6 +439,11 @@ def test_prepare_redoes_shards_whose_inputs_changed(tmp_path):
     jsonl.write_text(lines[0] + "\n")  # records removed: their shards go
     assert run()["records"] == 1 and len(list((tmp_path / "out").glob("shard-*.array_record"))) == 1
     assert len(data.open_source(tmp_path / "out")) == 1
+    calls.clear()
+    other = prepare.Tokenizers(TEXT, counting.image, identity="another image tokenizer")  # tokenizers change
+    prepare.prepare_source([jsonl], tmp_path / "out", LAYOUT, other, prefix=str(raw), shard_size=1,
+                           image_sizes=SIZES, progress=False)
+    assert calls == [[str(raw / "a.png")]]
 
 
 def test_empty_source_and_damaged_shards_are_errors(tmp_path):

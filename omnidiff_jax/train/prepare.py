@@ -38,12 +38,14 @@ MAX_EXAMPLES = 20  # error messages kept per shard
 @dataclasses.dataclass(frozen=True)
 class Tokenizers:
     """The text tokenizer (`.encode(str) -> ids`) and batched media tokenizers over file paths:
-    image(paths, size) -> code arrays; speech_codes(paths) -> code arrays; speech_features(paths) -> [T, 560]."""
+    image(paths, size) -> code arrays; speech_codes(paths) -> code arrays; speech_features(paths) -> [T, 560].
+    `identity` names them (e.g. their checkpoints): shards made by tokenizers of another identity are redone."""
 
     text: object
     image: Callable[[list[str], int], Sequence[np.ndarray]] | None = None
     speech_codes: Callable[[list[str]], Sequence[np.ndarray]] | None = None
     speech_features: Callable[[list[str]], Sequence[np.ndarray]] | None = None
+    identity: str = ""
 
     def run(self, kind: str, size: int, paths: list[str]) -> Sequence[np.ndarray]:
         fn = getattr(self, kind)
@@ -89,7 +91,8 @@ def tokenizers_from_config(cfg: ml_collections.ConfigDict, layout: TokenLayout) 
         feats, lengths = fbank.wave_features([load_wave(p) for p in paths], cmvn)
         return [f[:n] for f, n in zip(feats, lengths)]
 
-    return Tokenizers(text, image, speech_codes, speech_features)
+    identity = json.dumps({k: cfg[k] for k in ("text_tokenizer", "image_tokenizer", "speech_tokenizer", "cmvn")})
+    return Tokenizers(text, image, speech_codes, speech_features, identity)
 
 
 def prepare_source(jsonl: Sequence[str | os.PathLike], out_dir: str | os.PathLike, layout: TokenLayout,
@@ -97,9 +100,9 @@ def prepare_source(jsonl: Sequence[str | os.PathLike], out_dir: str | os.PathLik
                    image_sizes: tuple[int, int] = (512, 256), strict: bool = False, progress: bool = True) -> dict:
     """Tokenizes one source's jsonl files into `out_dir`/shard-NNNNN.array_record; returns summed statistics.
 
-    Reruns redo only what changed: a shard is kept when the record lines it was made from and the size and
-    modification time of every media file they name are as recorded beside it (and the shard has its recorded
-    size); shards past the last record are removed. With `strict`, the first skipped record (in a shard made
+    Reruns redo only what changed: a shard is kept when the tokenizers' identity, the record lines it was made
+    from and the size and modification time of every media file they name are as recorded beside it (and the
+    shard has its recorded size); shards past the last record are removed. With `strict`, the first skipped record (in a shard made
     now or earlier) raises. A source that yields no sample raises DataError. The shard size must match the
     earlier run's.
     """
@@ -114,7 +117,7 @@ def prepare_source(jsonl: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     with tqdm(total=total, desc=str(out.name), unit="rec", disable=not progress) as bar:
         for k, chunk in enumerate(_chunks(_lines(jsonl), shard_size)):
             shard, shards = out / f"shard-{k:05d}.array_record", k + 1
-            inputs = _fingerprint(chunk, prefix)
+            inputs = _fingerprint(chunk, prefix, tokenizers.identity)
             stats = _prepared_stats(shard, inputs)
             if stats is None:
                 samples, stats = _tokenize_chunk(chunk, template, tokenizers, prefix, batch_size, image_sizes, strict)
@@ -136,9 +139,10 @@ def prepare_source(jsonl: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     return totals
 
 
-def _fingerprint(chunk: list[tuple[str, str]], prefix: str) -> str:
-    """A digest of a shard's inputs: its record lines and the size and mtime of every media file they name."""
-    digest = hashlib.sha256()
+def _fingerprint(chunk: list[tuple[str, str]], prefix: str, tokenizers: str) -> str:
+    """A digest of a shard's inputs: the tokenizers' identity, the record lines and the size and mtime of every
+    media file they name."""
+    digest = hashlib.sha256(tokenizers.encode())
     for where, line in chunk:
         digest.update(f"{where}\n{line}\n".encode("utf-8", "surrogateescape"))
         try:
