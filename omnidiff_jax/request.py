@@ -146,8 +146,12 @@ def check_request(request, index: int) -> Request:
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterable[dict]:
-    """Requests from a JSONL batch file, one JSON object per line (blank lines skipped)."""
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    """Requests from a JSONL batch file (UTF-8), one JSON object per line (blank lines skipped)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             yield parse_object(line, f"{path}:{n}", RequestError)
 

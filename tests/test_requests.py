@@ -12,7 +12,7 @@ from PIL import Image
 
 from omnidiff_jax import cli, sampler
 from omnidiff_jax.pipeline import Pipeline, free_device_memory, step_bytes
-from omnidiff_jax.request import FIELDS, SAMPLER_OPTIONS, RequestError, check_request
+from omnidiff_jax.request import FIELDS, SAMPLER_OPTIONS, RequestError, check_request, iter_jsonl
 from omnidiff_jax.tasks import TaskPreset
 from torch_ref.omni import write_tiny_omni
 
@@ -210,3 +210,10 @@ def test_bad_output_destinations_are_one_line_errors(paths, tmp_path, capsys):
         locked.mkdir(mode=0o500)
         assert cli.main(model + ["--task", "tts", "--text", "hi", "--out", str(locked / "out")]) == 2
         assert "cannot create the output folder" in capsys.readouterr().err
+
+
+def test_a_batch_file_that_is_not_utf8_is_named(tmp_path):
+    batch = tmp_path / "requests.jsonl"
+    batch.write_bytes(b'{"task": "tts", "text": "hi"}\n\xff\xfe\n')
+    with pytest.raises(RequestError, match=r"requests.jsonl: not UTF-8 text \(byte 30\)"):
+        list(iter_jsonl(batch))
