@@ -84,8 +84,9 @@ def register(group) -> None:
     p.add_argument("--output", help="plain text: write the JSON lines to this file instead of stdout")
     p.add_argument("--force", action="store_true", help="overwrite --output / write into a non-empty --out")
     p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
-                   help="run over a device mesh, e.g. 2,4,1 (one size may be -1: the remaining devices): requests "
-                   "split over data, the model over fsdp and tensor (default: one device; -1,1,1 with --distributed)")
+                   help="run over a device mesh, e.g. 2,4,1; one size may be -1, the remaining devices (write "
+                   "--mesh=-1,1,4 then): requests split over data, the model over fsdp and tensor (default: one "
+                   "device; all devices on data with --distributed)")
     distributed.add_arguments(p)
     p.set_defaults(func=run)
 
