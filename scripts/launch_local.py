@@ -78,8 +78,11 @@ def relay(proc: subprocess.Popen, prefix: str) -> None:
 
 
 def wait(procs: list[subprocess.Popen], timeout: float | None) -> int:
-    """0 once every process exited 0; the first non-zero status (the rest are ended); 124 after `timeout`."""
+    """0 once every process exited 0; the first non-zero status (the rest are ended); 124 after `timeout`. Ending
+    the launcher (Ctrl-C, SIGTERM, SIGHUP) ends the processes too."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
     try:
         while True:
             codes = [p.poll() for p in procs]
@@ -87,18 +90,17 @@ def wait(procs: list[subprocess.Popen], timeout: float | None) -> int:
             if failed:
                 i, code = failed[0]
                 print(f"launch_local: process {i} exited with status {code}; ending the others", file=sys.stderr)
-                end(procs)
                 return code if code > 0 else 128 - code  # killed by signal s: 128 + s, as a shell says
             if all(c == 0 for c in codes):
                 return 0
             if deadline is not None and time.monotonic() > deadline:
                 print(f"launch_local: timed out after {timeout:g} s; ending every process", file=sys.stderr)
-                end(procs)
                 return 124
             time.sleep(0.1)
     except KeyboardInterrupt:
-        end(procs)
         return 130
+    finally:
+        end(procs)
 
 
 def end(procs: list[subprocess.Popen]) -> None:
