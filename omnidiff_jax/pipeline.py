@@ -33,6 +33,7 @@ from typing import Iterator, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from omnidiff_jax import adaptive_length, sampler
 from omnidiff_jax.checkpoint import load_model
@@ -117,12 +118,13 @@ class Pipeline:
         """Runs every request and yields (index, result) as each is finished: first the requests that fail their
         checks, then batch by batch. Every request gets exactly one result."""
         jobs = []
+        free = free_device_memory()
         for index, request in enumerate(requests):
             try:
-                jobs.append(self._prepare(check_request(request, index)))
+                jobs.append(self._prepare(check_request(request, index), free))
             except Exception as e:  # noqa: BLE001 -- whatever goes wrong stays with this request
                 yield index, _failed(request, index, e)
-        for batch in self._batches(jobs):
+        for batch in self._batches(jobs, free):
             yield from self._run_batch(batch, requests)
 
     def __call__(self, task: str, **request) -> dict:
@@ -134,12 +136,13 @@ class Pipeline:
 
     def prompt(self, request: dict) -> Prompt:
         """The prompt `request` runs with (after its checks and the encoding of its image and speech inputs)."""
-        return self._prepare(check_request(request, 0)).prompt
+        return self._prepare(check_request(request, 0), free_device_memory()).prompt
 
     # ------------------------------------------------------------------------------------------ steps
 
-    def _prepare(self, request: Request) -> _Job:
-        """The request's prompt, lengths and sampler settings; raises for anything that stops it from running."""
+    def _prepare(self, request: Request, free: int | None) -> _Job:
+        """The request's prompt, lengths and sampler settings; raises for anything that stops it from running
+        (`free`: the device memory it may use, None if unknown)."""
         preset, layout, config = request.preset, self.model.layout, self.model.config
         if request.prompt_ids is not None:
             ids = np.asarray(request.prompt_ids, np.int64)
@@ -178,7 +181,6 @@ class Pipeline:
         if longest > config.max_position_embeddings:
             raise RequestError(f"{request.name}: prompt of {longest - gen_length} tokens + {gen_length} to generate "
                                f"exceeds the model's {config.max_position_embeddings} positions")
-        free = free_device_memory()
         need = self._step_bytes([job])
         if free is not None and need > free:
             raise RequestError(f"{request.name}: prompt of {len(prompt.ids)} tokens + {gen_length} to generate "
@@ -214,12 +216,11 @@ class Pipeline:
         embeds, slots = speech.embed(feats, lengths)
         return np.asarray(embeds[0, :int(slots[0])])
 
-    def _batches(self, jobs: list[_Job]) -> Iterator[list[_Job]]:
+    def _batches(self, jobs: list[_Job], free: int | None) -> Iterator[list[_Job]]:
         """Jobs with the same settings, `batch_size` at a time, each batch split until its memory estimate fits."""
         groups: dict[tuple, list[_Job]] = {}
         for job in jobs:
             groups.setdefault(job.group, []).append(job)
-        free = free_device_memory()
         for rows in groups.values():
             pending = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
             while pending:
@@ -316,7 +317,16 @@ def step_bytes(config: DreamConfig, rows: int, length: int, generated: int) -> i
 
 def free_device_memory() -> int | None:
     """Free bytes on the first local device: its allocator's limit minus what is in use (GPU, TPU), or the host's
-    available memory on CPU (Linux); None where neither is known."""
+    available memory on CPU (Linux); None where neither is known. In a multi-process run, the least over the
+    processes (a collective: every process calls it), so that all of them refuse and split batches alike."""
+    free = _local_free_memory()
+    if jax.process_count() == 1:
+        return free
+    every = multihost_utils.process_allgather(np.int64(-1 if free is None else free))
+    return None if (every < 0).any() else int(every.min())
+
+
+def _local_free_memory() -> int | None:
     device = jax.local_devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and "bytes_limit" in stats:
