@@ -389,6 +389,8 @@ def export_checkpoint(src: str | os.PathLike | OmniModel, dst: str | os.PathLike
             return {p: leaves[p] for p in paths}
     else:
         src = Path(src)
+        if not src.exists():
+            raise CheckpointError(f"{src}: does not exist")
         _refuse_overlap(src, dst)
         cfg, layout, speech = _stored_config(src)
         files = src / orbax_io.FILES_DIR

@@ -462,6 +462,7 @@ def _import_killed_midway(src, dst, signal_name):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_kill_9_during_import_then_reimport_cleans_up(f32, tmp_path):
     dst = tmp_path / "ckpt"
     killed = _import_killed_midway(f32[0], dst, "SIGKILL")
@@ -473,6 +474,7 @@ def test_kill_9_during_import_then_reimport_cleans_up(f32, tmp_path):
     assert verify_checkpoint(dst) == []
 
 
+@pytest.mark.slow
 def test_sigterm_during_import_leaves_nothing(f32, tmp_path):
     dst = tmp_path / "ckpt"
     terminated = _import_killed_midway(f32[0], dst, "SIGTERM")

@@ -87,6 +87,7 @@ def test_schedule_is_deepspeeds_with_the_off_by_one():
     np.testing.assert_allclose([float(schedule(720)), float(schedule(24000))], [1e-5, 1e-6], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_loss_and_updates_match_the_reference(setup):
     """Three updates (lr 0, 0, then warming up) of 2 accumulation steps x 4 packs: our step with
     accumulate='sum' against DeepSpeed's recipe in torch (per-pack mean CE, rank mean, accumulation sum,
@@ -124,6 +125,7 @@ def test_loss_and_updates_match_the_reference(setup):
     np.testing.assert_array_equal(params["embed_tokens"]["embedding"][LAYOUT.pad], pad_row)  # frozen row
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_and_the_sampler_reproduces_targets(setup):
     trainer, cfg = setup["trainer"], setup["cfg"]
     state = trainer.run(progress=False)
@@ -198,6 +200,7 @@ def cli(args, workdir, env):
                             stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(setup, tmp_path):
     """The CLI killed with SIGKILL right after its first checkpoint, then restarted: the final parameters and the
     losses after the restart equal those of an uninterrupted CLI run of the same config bit for bit (both on one
@@ -278,6 +281,7 @@ def test_speech_features_reach_the_embeddings():
 
 
 
+@pytest.mark.slow
 def test_export_goes_through_the_converter(setup, tmp_path):
     setup["trainer"].run(progress=False)  # trained by the learning test; a no-op then
     workdir, dst = setup["cfg"].train.workdir, tmp_path / "hf"
@@ -308,6 +312,7 @@ def test_prepare_command(tmp_path, capsys):
     assert omnidiff(base + ["--source", "nope"]) == 2
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device(setup):
     """Three steps on the 8 fake CPU devices (data 2 x fsdp 2 x tensor 2) against the same steps on one device:
     losses, first moments and parameters agree to float32 reduction-order noise; a run's checkpoint restores
