@@ -197,6 +197,20 @@ def test_key_problems_listed_together(ref, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_import_and_load_agree_on_what_holds_a_speech_input(ref, tmp_path):
+    """One rule for both readers: a projector without its encoder is a speech input with missing keys, refused
+    with the same error by the import and by load_model (neither drops the projector silently)."""
+    config, model, speech = ref
+    state = {k: v for k, v in reference_state(model, speech, torch.float32).items()
+             if not k.startswith("model.audio_model.")}
+    src = _save(tmp_path / "projector_only", state, {**config, "omnidiff_speech": SPEECH})
+    errors = []
+    for read in (lambda: import_checkpoint(src, tmp_path / "out"), lambda: load_model(src)):
+        with pytest.raises(ConversionError, match="missing key") as err:
+            read()
+        errors.append(str(err.value))
+    assert errors[0] == errors[1] and "model.audio_model.model." in errors[0] and "(speech)" in errors[0]
+
 def test_broken_files_are_named(ref, f32, tmp_path):
     src = f32[0]
     index = json.loads((src / "model.safetensors.index.json").read_text())
