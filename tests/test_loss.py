@@ -9,11 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 from test_train_data import LAYOUT, LAYOUTS, tokenize
 
 from omnidiff_jax.attention import segment_ids_from_positions
 from omnidiff_jax.config import dream_config, get_config
 from omnidiff_jax.models.dream import Dream
+from omnidiff_jax.sharding import activate, make_mesh
 from omnidiff_jax.speech_in import init_speech_input
 from omnidiff_jax.train import data, loss
 from omnidiff_jax.train.data import IGNORE
@@ -169,3 +171,25 @@ def test_no_tokens_by_vocab_array_in_the_compiled_gradient():
     assert largest(lambda x, w: loss.pack_losses(x, w, labels, chunk=CHUNK)[0].mean()) == max(vocab * h,
                                                                                                 b * CHUNK * vocab)
     assert largest(lambda x, w: full_logits_losses(x, w, labels, prob, "reference").mean()) >= b * (LENGTH - 1) * vocab
+
+
+def test_the_head_split_over_a_mesh_equals_one_device():
+    """Under an 8-device mesh each device scores its own packs (one of them without labels) against the whole
+    head; loss and gradients are those of the unsplit computation."""
+    mesh = make_mesh(data=2, fsdp=4)
+    hidden, table, labels, prob = head_inputs(2, batch=8)
+    hidden = jax.device_put(hidden, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+    table = jax.device_put(table, NamedSharding(mesh, PartitionSpec(None, "fsdp")))
+
+    def mean_loss(x, w):
+        return loss.pack_losses(x, w, labels, prob, "inverse_t", chunk=CHUNK)[0].mean()
+
+    def on_mesh(x, w):
+        with activate(mesh):
+            return mean_loss(x, w)
+
+    got, got_grads = jax.jit(jax.value_and_grad(on_mesh, argnums=(0, 1)))(hidden, table)
+    want, want_grads = jax.jit(jax.value_and_grad(mean_loss, argnums=(0, 1)))(hidden, table)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        assert rel_err(g, w) <= 1e-6

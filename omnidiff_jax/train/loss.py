@@ -28,9 +28,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from omnidiff_jax.attention import segment_ids_from_positions
 from omnidiff_jax.models.dream import Dream
+from omnidiff_jax import sharding
 from omnidiff_jax.sharding import constrain
 from omnidiff_jax.train.data import AUDIO_PREFIX, IGNORE
 
@@ -53,17 +55,17 @@ def supervised_slots(labels: jax.Array, chunk: int) -> tuple[jax.Array, jax.Arra
     return jnp.pad(order, ((0, 0), (0, pad))), jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def head_cross_entropy(hidden: jax.Array, table: jax.Array, targets: jax.Array, divisor: jax.Array, chunk: int,
-                       dtype: str) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def head_cross_entropy(hidden: jax.Array, table: jax.Array, targets: jax.Array, divisor: jax.Array,
+                       chunk: int) -> jax.Array:
     """Per pack [B]: sum over slots j with a target of CE(logits[:, j], targets[:, j]) / divisor[:, j], where
-    logits = hidden @ table.T in `dtype`, upcast to float32 (`Dream.logits` followed by the loss's upcast).
+    logits = hidden @ table.T in the table's dtype, upcast to float32 (`Dream.logits` and the loss's upcast).
 
-    hidden [B, C, H]; table [V, H] (the output head); targets [B, C] with IGNORE slots last; divisor [B, C] > 0.
-    Slots go `chunk` at a time, so float32 logits exist for [B, chunk, V] at most: the forward pass keeps only
-    each slot's log-normaliser and the backward pass recomputes a chunk's logits to form its gradients (head
-    gradient accumulated in float32). A chunk holding no target is skipped (`lax.cond`) in both passes."""
-    return _head_forward(hidden, table, targets, divisor, chunk, dtype)[0]
+    hidden [B, C, H]; table [V, H] (the output head, in the compute dtype); targets [B, C] with IGNORE slots last;
+    divisor [B, C] > 0. Slots go `chunk` at a time, so float32 logits exist for [B, chunk, V] at most: the forward
+    pass keeps only each slot's log-normaliser and the backward pass recomputes a chunk's logits to form its
+    gradients (the head's accumulated in float32). A chunk holding no target is skipped in both passes."""
+    return _head_forward(hidden, table, targets, divisor, chunk)[0]
 
 
 def _chunks(x: jax.Array, chunk: int) -> jax.Array:
@@ -71,24 +73,16 @@ def _chunks(x: jax.Array, chunk: int) -> jax.Array:
     return x.reshape(x.shape[0], -1, chunk, *x.shape[2:]).swapaxes(0, 1)
 
 
-def _head_table(table: jax.Array, dtype: str) -> jax.Array:
-    """The head in the compute dtype, whole on every device of a vocabulary shard: gathered once per pass
-    instead of once per chunk."""
-    return constrain(table.astype(dtype), ("vocab", None))
-
-
 def _chunk_logits(h: jax.Array, table: jax.Array) -> jax.Array:
-    """h [B, T, H] @ table.T in the compute dtype, upcast: float32 [B, T, V]."""
-    logits = jnp.dot(h.astype(table.dtype), table.T).astype(jnp.float32)
-    return constrain(logits, ("activation_batch", None, "activation_vocab"))
+    """h [B, T, H] @ table.T in the table's dtype, upcast: float32 [B, T, V]."""
+    return jnp.dot(h.astype(table.dtype), table.T).astype(jnp.float32)
 
 
-def _head_forward(hidden, table, targets, divisor, chunk, dtype):
-    table_c = _head_table(table, dtype)
+def _head_forward(hidden, table, targets, divisor, chunk):
     b = hidden.shape[0]
 
     def score(h, t, d):
-        logits = _chunk_logits(h, table_c)
+        logits = _chunk_logits(h, table)
         logz = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.sum(jnp.where(jnp.arange(logits.shape[-1]) == t[..., None], logits, 0.0), axis=-1)
         return jnp.sum(jnp.where(t != IGNORE, (logz - picked) / d, 0.0), axis=-1), logz
@@ -105,22 +99,19 @@ def _head_forward(hidden, table, targets, divisor, chunk, dtype):
     return total, (hidden, table, targets, divisor, logz)
 
 
-def _head_backward(chunk, dtype, saved, grad):
+def _head_backward(chunk, saved, grad):
     hidden, table, targets, divisor, logz = saved
-    table_c = _head_table(table, dtype)
 
     def backward(d_table, h, t, d, z):
-        logits = _chunk_logits(h, table_c)
+        logits = _chunk_logits(h, table)
         onehot = jnp.arange(logits.shape[-1]) == t[..., None]
         scale = jnp.where(t != IGNORE, grad[:, None] / d, 0.0)  # [B, T]
-        g = ((jnp.exp(logits - z[..., None]) - onehot) * scale[..., None]).astype(table_c.dtype)  # [B, T, V]
-        d_h = jnp.dot(g, table_c)  # [B, T, H]
-        d_table = d_table + jnp.einsum("btv,bth->vh", g, h.astype(table_c.dtype),
-                                       preferred_element_type=jnp.float32)
-        return d_table, d_h
+        g = ((jnp.exp(logits - z[..., None]) - onehot) * scale[..., None]).astype(table.dtype)  # [B, T, V]
+        d_table = d_table + jnp.einsum("btv,bth->vh", g, h.astype(table.dtype), preferred_element_type=jnp.float32)
+        return d_table, jnp.dot(g, table)  # d_h [B, T, H]
 
     def skip(d_table, h, t, d, z):
-        return d_table, jnp.zeros(h.shape, table_c.dtype)
+        return d_table, jnp.zeros(h.shape, table.dtype)
 
     def body(d_table, xs):
         return jax.lax.cond(jnp.any(xs[1] != IGNORE), backward, skip, d_table, *xs)
@@ -132,6 +123,24 @@ def _head_backward(chunk, dtype, saved, grad):
 
 
 head_cross_entropy.defvjp(_head_forward, _head_backward)
+
+
+def sharded_head_cross_entropy(hidden: jax.Array, table: jax.Array, targets: jax.Array, divisor: jax.Array,
+                               chunk: int) -> jax.Array:
+    """`head_cross_entropy` with the packs split as activations are (`activation_batch`) when a mesh is active:
+    each device scores its own packs against the whole head (gathered once, in the compute dtype), skips its own
+    empty chunks, and sums its head gradient locally; one all-reduce of that gradient per micro-batch (the
+    transpose of the gather) replaces a reduction per chunk."""
+    current = sharding.active()
+    if current is None:
+        return head_cross_entropy(hidden, table, targets, divisor, chunk)
+    mesh, rules = current
+    rows = sharding.logical_to_spec(("activation_batch",), hidden.shape[:1], mesh, rules)
+    rows3 = PartitionSpec(*rows, None, None)
+    rows2 = PartitionSpec(*rows, None)
+    return jax.shard_map(lambda h, w, t, d: head_cross_entropy(h, w, t, d, chunk), mesh=mesh,
+                         in_specs=(rows3, PartitionSpec(), rows2, rows2), out_specs=rows,
+                         check_vma=False)(hidden, table, targets, divisor)
 
 
 def pack_losses(hidden: jax.Array, table: jax.Array, labels: jax.Array, mask_prob: jax.Array | None = None,
@@ -152,7 +161,8 @@ def pack_losses(hidden: jax.Array, table: jax.Array, labels: jax.Array, mask_pro
         divisor = jnp.where(valid, prob, 1.0)
         denominator = (mask_prob[:, 1:] > 0).sum(-1)
     slots = jnp.take_along_axis(hidden, order[..., None], axis=1)  # [B, C, H]
-    total = head_cross_entropy(slots, table, targets, divisor, chunk, dtype)
+    table = constrain(table.astype(dtype), ("vocab", "embed"))  # cast on the shards, before the gather
+    total = sharded_head_cross_entropy(slots, table, targets, divisor, chunk)
     return total / jnp.maximum(denominator, 1.0), count
 
 
