@@ -23,6 +23,8 @@ def register(group) -> None:
                                  epilog=OVERRIDES)
     train.add_argument("--config", required=True, help="a training config file, e.g. configs/stage1.py")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--profile", metavar="START:STOP", type=_window,
+                       help="write a jax.profiler trace of updates START..STOP-1 to WORKDIR/profile")
     train.add_argument("--export", metavar="DST", help="instead of training, write the run's checkpoint (in "
                        "train.workdir) as a reference Hugging Face folder at DST")
     train.add_argument("--step", type=int, help="with --export: this checkpoint step (default: the latest)")
@@ -66,6 +68,13 @@ def _accept_overrides(parser: argparse.ArgumentParser) -> None:
     parser.parse_known_args = parse_known_args
 
 
+def _window(text: str) -> tuple[int, int]:
+    start, _, stop = text.partition(":")
+    if not (start.isdigit() and stop.isdigit() and int(start) < int(stop)):
+        raise argparse.ArgumentTypeError(f"expected START:STOP with START < STOP (update indices), got {text!r}")
+    return int(start), int(stop)
+
+
 def run_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.export:
@@ -76,7 +85,7 @@ def run_train(args) -> int:
     distributed.initialize_from_args(args)
     from omnidiff_jax.train.trainer import Trainer
 
-    state = Trainer(cfg).run(progress=not args.no_progress)
+    state = Trainer(cfg).run(progress=not args.no_progress, profile=args.profile)
     print(f"trained to step {int(state.step)}; checkpoints in {Path(cfg.train.workdir) / 'checkpoints'}")
     return 0
 

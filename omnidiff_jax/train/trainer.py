@@ -42,7 +42,7 @@ from omnidiff_jax.models.dream import Dream, DreamConfig
 from omnidiff_jax.train import checkpoints, data
 from omnidiff_jax.train.init import initial_params as default_params
 from omnidiff_jax.train.loss import SpeechEncoder, batch_loss
-from omnidiff_jax.train.metrics import MetricsLog, summary_line
+from omnidiff_jax.train.metrics import MetricsLog, Profile, summary_line
 from omnidiff_jax.train.optim import frozen_norm, make_optimizer
 from omnidiff_jax.train.speech import speech_encoder_from_config
 
@@ -198,10 +198,11 @@ class Trainer:
                             self.streams, jax.process_index(), jax.process_count())
 
     # ------------------------------------------------------------------ loop
-    def run(self, initial_params=None, progress: bool = True) -> TrainState:
+    def run(self, initial_params=None, progress: bool = True, profile: tuple[int, int] | None = None) -> TrainState:
         """Trains to `train.steps`, resuming from the workdir's latest checkpoint if there is one.
 
-        `initial_params` ({"dream": ...}) is used only on a fresh start; by default `cfg.init` decides."""
+        `initial_params` ({"dream": ...}) is used only on a fresh start; by default `cfg.init` decides.
+        `profile` (START, STOP): a jax.profiler trace of updates START..STOP-1 in `workdir`/profile."""
         t = self.cfg.train
         self.workdir.mkdir(parents=True, exist_ok=True)
         checkpoints.write_config(self.workdir, self.cfg)
@@ -219,6 +220,7 @@ class Trainer:
             log.info("resumed from step %d", latest)
         start = int(state.step)
         metrics_log = MetricsLog(self.workdir / "metrics.jsonl", start)
+        profiler = Profile(self.workdir / "profile", profile)
         slots = t.grad_accum * t.micro_batch * self.cfg.data.seq_len
         step_flops = flops_per_token(self.model_cfg, self.cfg.data.seq_len) * slots
         peak = peak_flops(t.peak_tflops)
@@ -226,6 +228,7 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=start, desc="train", disable=not progress or jax.process_index() > 0)
         packs = iterator.next_packs(t.grad_accum, rows) if start < t.steps else None
         for step in range(start, t.steps):
+            profiler.before(step)
             began = time.perf_counter()
             state, metrics = self.step_fn(state, self.device_batch(packs), self.frozen)  # runs asynchronously
             done, data_state, dropped = packs, iterator.get_state(), iterator.dropped()
@@ -233,6 +236,7 @@ class Trainer:
                 packs = iterator.next_packs(t.grad_accum, rows)  # the next batch, read while the device computes
             metrics = jax.device_get(metrics)
             seconds = time.perf_counter() - began
+            profiler.after(step)
             record = self._record(step + 1, metrics, done, seconds, step_flops, peak, dropped)
             if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
                 metrics_log.write(record)
@@ -243,6 +247,8 @@ class Trainer:
             if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
                 checkpoints.save(manager, state, data_state)
         bar.close()
+        profiler.close()
+        metrics_log.close()
         manager.wait_until_finished()
         manager.close()
         return state
