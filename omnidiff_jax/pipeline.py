@@ -291,10 +291,11 @@ def step_bytes(config: DreamConfig, rows: int, length: int, generated: int) -> i
     with classifier-free guidance) on a canvas of `length` positions (the sampler's buckets), `generated` of them
     decoded. Only the largest buffers are counted, so it is a lower bound:
 
-    - attention, the XLA backend: fp32 scores and weights for every query head, [rows, heads, L, L] x 8 bytes, plus
-      the boolean segment mask per head; on CPU the heads run one at a time, so 2 x L x L x 4 bytes plus the
-      mask [rows, L, L]. The cuDNN (GPU, half precision) and splash (TPU) kernels keep no score matrix: only
-      cuDNN's mask [rows, L, L] counts;
+    - attention, the XLA backend: the fp32 score matrix of every query head (XLA computes the softmax weights in
+      place), [rows, heads, L, L] x 4 bytes, plus the boolean segment mask, [rows, heads / kv_heads, L, L]; on
+      CPU the heads run one at a time, so L x L x 4 bytes plus the mask [rows, L, L] (for a 100k-token prompt of
+      the tiny test model, 66 GB, what XLA tries to allocate). The cuDNN (GPU, half precision) and splash (TPU)
+      kernels keep no score matrix: only cuDNN's mask [rows, L, L] counts;
     - one layer's activations, [rows, L, 2 x hidden + 2 x intermediate] in fp32;
     - the logits of the generated region and their softmax, 2 x [rows, generated, vocab] in fp32.
     """
@@ -307,9 +308,9 @@ def step_bytes(config: DreamConfig, rows: int, length: int, generated: int) -> i
     if backend != "xla":
         attention = rows * square if backend == "cudnn" else 0
     elif jax.default_backend() == "cpu":
-        attention = 8 * square + rows * square
+        attention = 4 * square + rows * square
     else:
-        attention = rows * config.num_heads * square * 9
+        attention = rows * square * (4 * config.num_heads + config.num_heads // config.num_kv_heads)
     layer = rows * length * (2 * config.hidden_size + 2 * config.intermediate_size) * 4
     logits = 2 * rows * generated * config.vocab_size * 4
     return attention + layer + logits

@@ -107,7 +107,7 @@ def test_bad_values_and_types_are_named(pipe, request_, message):
 
 
 def test_too_long_for_device_memory_is_refused_up_front(pipe):
-    text = "a" * 100_000  # fits the positions, but not a CPU's memory: about 107 GiB of attention scores
+    text = "a" * 100_000  # fits the positions, but not a CPU's memory: 66 GB of attention scores and mask
     length = sampler.bucket(len(text) + 40) + sampler.bucket(50)
     free = free_device_memory()
     if free is None or step_bytes(pipe.model.config, 1, length, 64) < free:
