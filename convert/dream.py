@@ -101,7 +101,10 @@ def read_hf_config(folder: str | Path) -> tuple[DreamConfig, TokenLayout, dict]:
 def layout_from_hf(raw: dict, path: Path) -> TokenLayout:
     """The token layout: our `omnidiff_vocab` field if present, else the released model's code counts."""
     if "omnidiff_vocab" in raw:
-        layout = TokenLayout(**raw["omnidiff_vocab"])
+        try:
+            layout = TokenLayout(**raw["omnidiff_vocab"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: bad omnidiff_vocab field ({e})") from None
     else:
         num_text = raw.get("pad_token_id", 151643)
         rest = raw["vocab_size"] - num_text - len(DREAM_SPECIALS) - len(OMNI_SPECIALS)

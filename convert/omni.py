@@ -71,13 +71,18 @@ def param_groups(cfg: DreamConfig, speech: Speech | None = None) -> list[ParamGr
     return groups
 
 
-def speech_configs(raw_config: dict, dtype: str) -> Speech:
-    """The speech encoder and projector of a reference config.json: SenseVoiceSmall, unless an `omnidiff_speech`
-    field gives the encoder's shape (tiny test checkpoints). dtype: the LLM's."""
-    fields = dict(raw_config.get("omnidiff_speech", {}))
-    if "prompt_rows" in fields:
-        fields["prompt_rows"] = tuple(fields["prompt_rows"])
-    return speech_dtype((SenseVoiceConfig(**fields), ProjectorConfig(hidden_size=raw_config["hidden_size"])), dtype)
+def speech_configs(raw_config: dict, dtype: str, file: Path) -> Speech:
+    """The speech encoder and projector of a reference config.json (`raw_config`, read from `file`):
+    SenseVoiceSmall, unless an `omnidiff_speech` field gives the encoder's shape (tiny test checkpoints).
+    dtype: the LLM's."""
+    try:
+        fields = dict(raw_config.get("omnidiff_speech", {}))
+        if "prompt_rows" in fields:
+            fields["prompt_rows"] = tuple(fields["prompt_rows"])
+        encoder = SenseVoiceConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: bad omnidiff_speech field ({e})") from None
+    return speech_dtype((encoder, ProjectorConfig(hidden_size=raw_config["hidden_size"])), dtype)
 
 
 def speech_dtype(speech: Speech, dtype: str) -> Speech:

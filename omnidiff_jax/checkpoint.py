@@ -101,7 +101,7 @@ def load_model(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | N
                               "the checksums); a reference folder has none")
     cfg, layout, raw = read_hf_config(path)
     source = open_source(path)
-    speech = speech_configs(raw, cfg.param_dtype) if has_speech(source) else None
+    speech = speech_configs(raw, cfg.param_dtype, path / "config.json") if has_speech(source) else None
     if dtype is not None:
         overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
         speech = speech and speech_dtype(speech, dtype)
@@ -166,7 +166,7 @@ def load_speech(path: str | os.PathLike, dtype: str) -> SpeechInput:
         cfg, _, raw = read_hf_config(path)
         source = open_source(path)
         if has_speech(source):
-            speech = speech_configs(raw, dtype)
+            speech = speech_configs(raw, dtype, path / "config.json")
             group = param_groups(cfg, speech)[0]
             part = split_source(source, [group, param_groups(cfg)[0]])[0]
             return SpeechInput(*speech, group.keymap.load(part, group.target, dtype=speech[0].param_dtype))
@@ -229,7 +229,7 @@ def import_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: str
     cfg, layout, raw = read_hf_config(folder)
     source = open_source(src)
     cache = _PageCache(source)
-    speech = speech_configs(raw, cfg.param_dtype) if has_speech(source) else None
+    speech = speech_configs(raw, cfg.param_dtype, folder / "config.json") if has_speech(source) else None
     plans = plan_groups(source, param_groups(cfg, speech))
     dtypes_by_leaf = {(g.name, p): np.dtype(dtype) if dtype else source[_first_key(plan, p)].dtype
                       for g, plan in plans for p in plan.entries}
