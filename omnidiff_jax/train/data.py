@@ -51,6 +51,7 @@ ROLE_WORDS = {"user": "user", "human": "user", "assistant": "assistant", "gpt": 
 ASSISTANT_ROLES = ("assistant", "gpt")
 FEATURE_DIM = 560  # SenseVoice LFR features: 80 mel bins x 7 stacked frames
 AUDIO_PREFIX = 4  # SenseVoice's language/event/emotion/text-norm query rows precede the frames
+REDO = "delete it and run `omnidiff data prepare` again, which makes the missing shards"  # for a damaged shard
 
 
 class DataError(ValueError):
@@ -402,8 +403,7 @@ class Shards:
             try:
                 lengths.append(len(grain.sources.ArrayRecordDataSource([f])))
             except RuntimeError as e:
-                raise DataError(f"{f}: not a readable shard ({str(e) or 'truncated or damaged'}); prepare the "
-                                "source again (`omnidiff data prepare` redoes damaged shards)") from None
+                raise DataError(f"{f}: not a readable shard ({str(e) or 'truncated or damaged'}); {REDO}") from None
         self.files = list(files)
         self.ends = np.cumsum(lengths)  # [files] records up to the end of each file
         self.records = grain.sources.ArrayRecordDataSource(self.files)
@@ -416,7 +416,7 @@ class Shards:
             return self.records[index]
         except RuntimeError as e:
             f = self.files[int(np.searchsorted(self.ends, int(index), side="right"))]
-            raise DataError(f"{f}: damaged shard ({e}); prepare the source again") from None
+            raise DataError(f"{f}: damaged shard ({e}); {REDO}") from None
 
 
 def open_source(folder: str | os.PathLike) -> grain.MapDataset:
