@@ -49,7 +49,7 @@ stage() {  # stage NAME SECONDS COMMAND...: runs one stage under its own limit, 
 stage parity 140 python3 -P -m pytest tests/test_dream.py tests/test_sampler.py -k "not mesh" -q -p no:cacheprovider
 stage forward 90 python3 scripts/gpu_check.py --part forward --json "$out/gpu_forward.json"
 stage sampler 70 python3 scripts/gpu_check.py --part sampler --json "$out/gpu_sampler.json"
-stage train 50 python3 scripts/bench_train.py --config omni_diffusion_7b --layers 4 --seq-len 3072 --packs 1 \
-  --bf16 --remat full --no-torch --reps 3 --json "$out/gpu_train.json"
+stage train 150 python3 scripts/bench_train.py --config omni_diffusion_7b --layers 4 --seq-len 3072 --packs 1 \
+  --bf16 --remat none dots full --no-torch --reps 3 --json "$out/gpu_train.json"
 stage tasks 130 python3 scripts/bench_tasks.py --json "$out/gpu_tasks.json"
 echo "=== done ($(date +%T))"
