@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -99,13 +100,14 @@ def load_model(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | N
     if verify:
         raise CheckpointError(f"{path}: verify=True needs an orbax folder from `omnidiff convert import` (it records "
                               "the checksums); a reference folder has none")
+    return _load_reference(path, dtype, mesh, overrides)
+
+
+def _load_reference(path: Path, dtype: str | None, mesh: Mesh | None, overrides: dict) -> OmniModel:
     cfg, layout, raw = read_hf_config(path)
     source = open_source(path)
     speech = speech_configs(raw, cfg.param_dtype, path / "config.json") if has_speech(source) else None
-    if dtype is not None:
-        overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
-        speech = speech and speech_dtype(speech, dtype)
-    cfg = cfg.replace(**overrides)
+    cfg, speech = _with_dtype(cfg, speech, dtype, overrides)
     groups = param_groups(cfg, speech)
     plan_groups(source, groups)  # every key and shape problem of every group, in one error, before any read
     shardings = _shardings(groups, cfg, mesh)
@@ -120,10 +122,7 @@ def load_model(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | N
 
 def _load_orbax(path: Path, dtype: str | None, mesh: Mesh | None, overrides: dict) -> OmniModel:
     cfg, layout, speech = _stored_config(path)
-    if dtype is not None:
-        overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
-        speech = speech and speech_dtype(speech, dtype)
-    cfg = cfg.replace(**overrides)
+    cfg, speech = _with_dtype(cfg, speech, dtype, overrides)
     groups = param_groups(cfg, speech)
     shardings = _shardings(groups, cfg, mesh)
     target = {f"{g.name}/{p}": jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=shardings[f"{g.name}/{p}"])
@@ -133,6 +132,15 @@ def _load_orbax(path: Path, dtype: str | None, mesh: Mesh | None, overrides: dic
     return OmniModel(cfg, layout, params[LLM_GROUP], mesh,
                      str(tokenizer) if (tokenizer / "tokenizer_config.json").exists() else None,
                      _speech_input(speech, params))
+
+
+def _with_dtype(cfg: DreamConfig, speech: Speech | None, dtype: str | None,
+                overrides: dict) -> tuple[DreamConfig, Speech | None]:
+    """The stored configs with `load_model`'s dtype (for the LLM and the speech input) and DreamConfig overrides."""
+    if dtype is not None:
+        overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
+        speech = speech and speech_dtype(speech, dtype)
+    return cfg.replace(**overrides), speech
 
 
 def _shardings(groups: list[ParamGroup], cfg: DreamConfig, mesh: Mesh | None) -> dict[str, jax.sharding.Sharding]:
@@ -168,7 +176,7 @@ def load_speech(path: str | os.PathLike, dtype: str) -> SpeechInput:
         if has_speech(source):
             speech = speech_configs(raw, dtype, path / "config.json")
             group = param_groups(cfg, speech)[0]
-            part = split_source(source, [group, param_groups(cfg)[0]])[0]
+            part = Source({k: ref for k, ref in source.items() if re.fullmatch(group.claims, k)}, source.description)
             return SpeechInput(*speech, group.keymap.load(part, group.target, dtype=speech[0].param_dtype))
     raise CheckpointError(f"{path}: holds no speech input (no model.audio_model.* or model.audio_projection.* "
                           "weights)")

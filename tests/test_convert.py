@@ -20,7 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from omnidiff_jax.checkpoint import export_checkpoint, import_checkpoint, load_model, verify_checkpoint
+from omnidiff_jax.checkpoint import (export_checkpoint, import_checkpoint, load_model, load_speech,
+                                     verify_checkpoint)
 from omnidiff_jax.cli import main
 from omnidiff_jax.convert import orbax_io
 from omnidiff_jax.convert.dream import AUTO_MAP
@@ -116,6 +117,19 @@ def test_import_then_load_gives_the_reference_logits(ref, f32):
         for path, leaf in flatten(ours).items():
             np.testing.assert_array_equal(np.asarray(leaf), np.asarray(theirs[path]), err_msg=path)
 
+
+def test_speech_input_alone_from_either_form(ref, f32, tmp_path):
+    """`load_speech` reads only the speech input, from the reference folder or its import, as load_model does."""
+    config, model, _ = ref
+    want = flatten(load_model(f32[1]).speech.params)
+    for path in f32[:2]:
+        speech = load_speech(path, "float32")
+        assert speech.encoder.output_size == SPEECH["output_size"] and flatten(speech.params).keys() == want.keys()
+        for key, leaf in flatten(speech.params).items():
+            np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want[key]), err_msg=key)
+    llm_only = _save(tmp_path / "llm_only", dict(model.state_dict()), config)
+    with pytest.raises(CheckpointError, match="holds no speech input"):
+        load_speech(llm_only, "float32")
 
 def test_dtype_kept_by_default_and_cast_on_request(ref, bf16, tmp_path, caplog):
     config, model, speech = ref
