@@ -32,6 +32,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import sys
 import threading
 import zlib
@@ -114,9 +115,10 @@ def staging_folder(dst: str | os.PathLike, force: bool = False) -> Iterator[Path
 
 
 def _unique_sibling(path: Path, tag: str) -> Path:
-    """Creates and returns an empty folder `<name>.<tag>-<pid>-<random>` beside `path` (default permissions)."""
+    """Creates and returns an empty folder `<name>.<tag>-<host>-<pid>-<random>` beside `path` (default
+    permissions)."""
     while True:
-        sibling = path.with_name(f"{path.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
+        sibling = path.with_name(f"{path.name}.{tag}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
         try:
             sibling.mkdir()
             return sibling
@@ -125,10 +127,11 @@ def _unique_sibling(path: Path, tag: str) -> Path:
 
 
 def _remove_leftovers(dst: Path) -> None:
-    """Removes the staging folders `<dst>.tmp-<pid>-*` of writers that no longer run (killed with SIGKILL, or the
-    machine went down); a live writer's folder is left alone."""
+    """Removes the staging folders `<dst>.tmp-<host>-<pid>-*` that writers on this host left when they were killed
+    (SIGKILL, or the machine went down); a live writer's folder, or another host's, is left alone."""
+    mine = re.compile(rf"{re.escape(socket.gethostname())}-(\d+)-[0-9a-f]+")
     for leftover in dst.parent.glob(f"{glob.escape(dst.name)}.tmp-*"):
-        match = re.fullmatch(r"(\d+)-[0-9a-f]+", leftover.name[len(dst.name) + len(".tmp-"):])
+        match = mine.fullmatch(leftover.name[len(dst.name) + len(".tmp-"):])
         if match and not _running(int(match.group(1))) and leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
 
