@@ -57,7 +57,8 @@ _compiled = {}
 
 def apply(module, params, *inputs, method=None):
     """module.apply, jitted (as production runs it) once per module configuration; float32 inputs go in as bf16."""
-    run = _compiled.setdefault((repr(module), method), jax.jit(functools.partial(module.apply, method=method)))
+    key = (type(module), repr(module), method)
+    run = _compiled.setdefault(key, jax.jit(functools.partial(module.apply, method=method)))
     return run({"params": params}, *(jnp.asarray(x, BF16) if x.dtype == np.float32 else x for x in inputs))
 
 

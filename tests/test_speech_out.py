@@ -231,12 +231,12 @@ def test_hift_with_reference_source_batched_and_padded(ref, decoder, flow_output
 
 # ------------------------------------------------------------------------------------------------ end to end
 
-def test_reference_noise_reproduces_the_reference(ref, decoder, codes):
-    """The reference's own draws, injected in its layout (CFM's z [80, T]; SineGen's phases [9] and noise
-    [9, 256 T]), give the reference's waveform."""
+@pytest.fixture(scope="module")
+def reference_draws(ref, codes):
+    """The reference's decode of codes[1] (batch 1) with its own draws, replayed in its layout: (mel [80, T],
+    waveform, z [80, T], phases [9], sine noise [9, 256 T])."""
     flow, hift, _ = ref
-    c = codes[1]
-    mel_ref = flow.inference(c[None])  # seeds torch with 42 and draws z = randn_like(mu) [1, 80, T]
+    mel_ref = flow.inference(codes[1][None])  # seeds torch with 42 and draws z = randn_like(mu) [1, 80, T]
     frames = mel_ref.shape[-1]
     torch.manual_seed(42)
     z = torch.randn(1, MEL, frames)[0].numpy()
@@ -244,11 +244,20 @@ def test_reference_noise_reproduces_the_reference(ref, decoder, codes):
     wave_ref, _ = hift(mel_ref)
     torch.manual_seed(3)  # replay SineGen: the initial phases, then the noise
     phases = torch.distributions.Uniform(-np.pi, np.pi).sample((1, 9, 1))[0, :, 0].numpy()
-    noise = torch.randn(1, 9, 256 * frames)[0].numpy()
+    sine_noise = torch.randn(1, 9, 256 * frames)[0].numpy()
+    assert np.abs(wave_ref.numpy()).max() < 0.99  # unclipped, so the comparisons see every sample
+    return mel_ref[0].numpy(), wave_ref[0].numpy(), z, phases, sine_noise
+
+
+def test_reference_noise_reproduces_the_reference(decoder, codes, reference_draws):
+    """The reference's own draws, injected in its layout (CFM's z [80, T]; SineGen's phases [9] and noise
+    [9, 256 T]), give the reference's waveform."""
+    _, wave_ref, z, phases, noise = reference_draws
+    c, frames = codes[1], z.shape[1]
     mel, lengths = decoder.mel([c.numpy()], noise=[z])
     wave = decoder.vocode(mel, lengths, phases=[phases], noise=[noise])
-    assert lengths[0] == frames and np.abs(wave_ref.numpy()).max() < 0.99
-    assert rel(wave[0, :256 * frames], wave_ref[0].numpy()) < 1e-3
+    assert lengths[0] == frames
+    assert rel(wave[0, :256 * frames], wave_ref) < 1e-3
     with pytest.raises(ValueError, match="phases and noise shapes"):
         decoder.vocode(mel, lengths, phases=[phases], noise=[noise[:, :-1]])
     with pytest.raises(ValueError, match="exactly one of keys, phases with noise, or source"):
@@ -309,22 +318,14 @@ def test_cli_decode(ref, decoder, codes, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no partial or temporary files
 
 
-def test_cli_decode_mel_only_and_reference_noise(ref, codes, tmp_path, capsys):
+def test_cli_decode_mel_only_and_reference_noise(ref, codes, reference_draws, tmp_path, capsys):
     """--mel-only writes the flow's mel [80, T]; --noise (the reference's draws, its layout) reproduces the
     reference's mel and waveform."""
-    flow, hift, folder = ref
-    c = codes[1]
+    folder = ref[2]
+    mel_ref, wave_ref, z, phases, sine_noise = reference_draws
+    frames = z.shape[1]
     src = tmp_path / "codes.txt"
-    src.write_text(" ".join(map(str, c.tolist())))
-    mel_ref = flow.inference(c[None])
-    frames = mel_ref.shape[-1]
-    torch.manual_seed(42)
-    z = torch.randn(1, MEL, frames)[0].numpy()
-    torch.manual_seed(3)
-    wave_ref, _ = hift(mel_ref)
-    torch.manual_seed(3)
-    phases = torch.distributions.Uniform(-np.pi, np.pi).sample((1, 9, 1))[0, :, 0].numpy()
-    sine_noise = torch.randn(1, 9, 256 * frames)[0].numpy()
+    src.write_text(" ".join(map(str, codes[1].tolist())))
     noise = tmp_path / "noise.npz"
     np.savez(noise, z=z, phases=phases, sine_noise=sine_noise)
     decode = ["audio", "decode", str(src)]
@@ -332,11 +333,11 @@ def test_cli_decode_mel_only_and_reference_noise(ref, codes, tmp_path, capsys):
     mel = tmp_path / "mel.npy"
     assert main(decode + [str(mel), "--decoder", str(folder), "--mel-only", "--noise", str(noise)]) == 0
     assert f"mel [{MEL}, {frames}]" in capsys.readouterr().out
-    assert rel(np.load(mel), mel_ref[0].numpy()) < 1e-4
+    assert rel(np.load(mel), mel_ref) < 1e-4
     wav = tmp_path / "out.wav"
     assert main(decode + [str(wav), "--decoder", str(folder), "--noise", str(noise)]) == 0
     wave, _ = sf.read(wav, dtype="float32")
-    assert np.abs(wave - wave_ref[0].numpy()).max() < 2e-3  # 16-bit PCM, float32 noise of the reference
+    assert np.abs(wave - wave_ref).max() < 2e-3  # 16-bit PCM, float32 noise of the reference
 
     seeded = [tmp_path / f"seeded{k}.npy" for k in range(3)]
     for path, seed in zip(seeded, (3, 3, 4)):
