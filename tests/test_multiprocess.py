@@ -131,17 +131,20 @@ def test_training_moves_between_process_counts_and_survives_a_killed_process(env
 
 def test_generate_over_two_processes_matches_one(env, tmp_path):
     """`omnidiff generate --requests` on 2 processes x 4 devices, the batch split over data (2, across the
-    processes) and the model over fsdp (4): the manifest (written by process 0 alone) equals a one-device run's."""
+    processes) and the model over fsdp (4), sampling at temperature 1: the manifest (written by process 0 alone)
+    equals the one-process run's on the same mesh, here."""
     requests = tmp_path / "requests.jsonl"
     prompts = ([1, 2, 3], [4, 5], [6, 7, 8, 9], [10])
     requests.write_text("".join(json.dumps({"task": "text", "prompt_ids": p, "id": f"r{i}"}) + "\n"
                                 for i, p in enumerate(prompts)))
-    common = ["generate", "--config", "tiny", "--requests", str(requests), "--steps", "6", "--gen-length", "12"]
-    out = finish(launch(env, 2, *common, "--mesh", "2,4,1", "--out", str(tmp_path / "two")))
+    common = ["generate", "--config", "tiny", "--requests", str(requests), "--steps", "6", "--gen-length", "12",
+              "--temperature", "1", "--seed", "3", "--mesh", "2,4,1"]
+    out = finish(launch(env, 2, *common, "--out", str(tmp_path / "two")))
     assert "[p1]" in out
     assert omnidiff([*common, "--out", str(tmp_path / "one")]) == 0
     two = (tmp_path / "two" / "manifest.jsonl").read_text().splitlines()
     assert len(two) == len(prompts)
+    assert len({tuple(json.loads(line)["ids"]) for line in two}) == len(prompts)  # sampled, not one repeated token
     assert two == (tmp_path / "one" / "manifest.jsonl").read_text().splitlines()
 
 
