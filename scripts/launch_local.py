@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 
-GRACE_S = 5.0  # between SIGTERM and SIGKILL when ending the other processes
+GRACE_S = 2.0  # between SIGTERM and SIGKILL when ending the other processes (JAX catches SIGTERM)
 DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
 
