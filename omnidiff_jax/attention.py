@@ -14,10 +14,18 @@ Backends:
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from omnidiff_jax import sharding
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+SPLASH_ALIGN = 128  # splash sequence lengths are padded to a multiple of this (the TPU lane width)
+SPLASH_BLOCK = 512  # splash tile: the largest divisor of the padded length up to this
+SPLASH_PAD_SEGMENT = 2**31 - 1  # the padding's segment id; real ones (from positions) lie in [-1, L)
 
 
 def segment_ids_from_positions(position_ids: jax.Array) -> jax.Array:
@@ -26,23 +34,27 @@ def segment_ids_from_positions(position_ids: jax.Array) -> jax.Array:
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None = None,
-                          query_valid: jax.Array | None = None, implementation: str = "auto") -> jax.Array:
+                          key_segment_ids: jax.Array | None = None, query_valid: jax.Array | None = None,
+                          implementation: str = "auto") -> jax.Array:
     """Bidirectional attention with scale 1/sqrt(head_dim).
 
-    q: [B, L, Hq, D]; k, v: [B, L, Hkv, D] with Hq a multiple of Hkv (query head h reads kv head h // (Hq/Hkv)).
-    segment_ids: [B, L] int or None (one segment). query_valid: [B, L] bool or None (all valid).
-    Returns [B, L, Hq, D] in q's dtype.
+    q: [B, Lq, Hq, D]; k, v: [B, Lk, Hkv, D] with Hq a multiple of Hkv (query head h reads kv head h // (Hq/Hkv));
+    Lk may differ from Lq (a window of queries over cached keys). segment_ids: [B, Lq] int or None (one segment);
+    key_segment_ids: [B, Lk] (default: segment_ids, when Lk = Lq). query_valid: [B, Lq] bool or None (all valid).
+    Returns [B, Lq, Hq, D] in q's dtype.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "auto":
         implementation = _auto(q.dtype)
+    if key_segment_ids is None:
+        key_segment_ids = segment_ids
     if implementation == "cudnn":
-        out = _cudnn(q, k, v, segment_ids)
+        out = _cudnn(q, k, v, segment_ids, key_segment_ids)
     elif implementation == "splash":
-        out = _splash(q, k, v, segment_ids)
+        out = _splash(q, k, v, segment_ids, key_segment_ids)
     else:
-        out = xla_attention(q, k, v, segment_ids, segment_ids)
+        out = xla_attention(q, k, v, segment_ids, key_segment_ids)
     if query_valid is not None:
         out = out * query_valid[:, :, None, None].astype(out.dtype)
     return out
@@ -96,25 +108,62 @@ def _attend(q, k, v, visible):
     return out / weights.sum(axis=-1, keepdims=True)
 
 
-def _cudnn(q, k, v, segment_ids):
+def _cudnn(q, k, v, q_segments, k_segments):
     mask = None
-    if segment_ids is not None:
-        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, Lq, Lk]
+    if q_segments is not None:
+        mask = (q_segments[:, :, None] == k_segments[:, None, :])[:, None]  # [B, 1, Lq, Lk]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
 
 
-def _splash(q, k, v, segment_ids):
+def _splash(q, k, v, q_segments, k_segments):
+    """The Pallas splash kernel, as MaxText runs it: under an active mesh, per shard inside `shard_map` (batch
+    split as `activation_batch`, query and kv heads as `activation_heads` when both divide, the sequence whole),
+    with the kernel's head shards to match. The query and key lengths are padded to multiples of 128, the keys
+    with a segment of their own (SPLASH_PAD_SEGMENT, seen by no real query); kv heads are grouped by the kernel
+    itself. Off TPU the kernel runs in Pallas interpret mode (slow: for tests)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     b, l, hq, d = q.shape
-    group = hq // k.shape[2]
-    mask = sm.MultiHeadMask([sm.FullMask((l, l)) for _ in range(hq)])
-    kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1)
-    # splash wants [H, L, D] per example, pre-scaled queries, and repeated kv heads for GQA.
-    qh = (q * (d ** -0.5)).transpose(0, 2, 1, 3)
-    kh = jnp.repeat(k, group, axis=2).transpose(0, 2, 1, 3)
-    vh = jnp.repeat(v, group, axis=2).transpose(0, 2, 1, 3)
-    seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-    out = jax.vmap(lambda qq, kk, vv, ss: kernel(qq, kk, vv, segment_ids=sk.SegmentIds(ss, ss)))(qh, kh, vh, seg)
-    return out.transpose(0, 2, 1, 3)
+
+    def padded(x, segments):  # x [B, L, H, D] and its segments [B, L], padded to a multiple of SPLASH_ALIGN
+        seg = jnp.zeros(x.shape[:2], jnp.int32) if segments is None else segments.astype(jnp.int32)
+        pad = -x.shape[1] % SPLASH_ALIGN
+        seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=SPLASH_PAD_SEGMENT)
+        return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))), seg
+
+    (q, q_seg), (k, k_seg), (v, _) = padded(q, q_segments), padded(k, k_segments), padded(v, None)
+    block_q, block_kv = math.gcd(q.shape[1], SPLASH_BLOCK), math.gcd(k.shape[1], SPLASH_BLOCK)
+    blocks = sk.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv, block_q_dkv=block_q,
+                           block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv, block_q_dq=block_q,
+                           block_kv_dq=block_kv)
+    # splash wants [H, L, D] per example and pre-scaled queries
+    qh = (q * jnp.asarray(d ** -0.5, q.dtype)).transpose(0, 2, 1, 3)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    current = sharding.active()
+    batch_axes = head_axes = None
+    if current is not None:
+        mesh, rules = current
+        names = ("activation_batch", "activation_heads", None, None)
+        q_spec = sharding.logical_to_spec(names, qh.shape, mesh, rules)
+        kv_spec = sharding.logical_to_spec(names, kh.shape, mesh, rules)
+        batch_axes, head_axes = q_spec[0], q_spec[1] if q_spec[1] == kv_spec[1] else None
+    head_shards = 1 if current is None else math.prod(
+        current[0].shape[a] for a in ((head_axes,) if isinstance(head_axes, str) else head_axes or ()))
+    mask = sm.MultiHeadMask([sm.FullMask((q.shape[1], k.shape[1])) for _ in range(hq)])
+    kernel = sk.make_splash_mha(mask, block_sizes=blocks, head_shards=head_shards, q_seq_shards=1,
+                                interpret=jax.default_backend() != "tpu")
+
+    def attend(kernel, qh, kh, vh, q_seg, k_seg):
+        one = lambda qq, kk, vv, qs, ks: kernel(qq, kk, vv, segment_ids=sk.SegmentIds(qs, ks))  # noqa: E731
+        return jax.vmap(one)(qh, kh, vh, q_seg, k_seg)
+
+    if current is None:
+        out = attend(kernel, qh, kh, vh, q_seg, k_seg)
+    else:
+        heads = PartitionSpec(batch_axes, head_axes, None, None)
+        kernel_spec = kernel.manual_sharding_spec(NamedSharding(mesh, PartitionSpec(head_axes, None)))
+        rows = PartitionSpec(batch_axes, None)
+        out = jax.shard_map(attend, mesh=mesh, in_specs=(kernel_spec, heads, heads, heads, rows, rows),
+                            out_specs=heads, check_vma=False)(kernel, qh, kh, vh, q_seg, k_seg)
+    return out.transpose(0, 2, 1, 3)[:, :l]
