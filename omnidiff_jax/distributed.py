@@ -38,15 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--process-id", type=int, help=f"this process's index, 0..N-1 (default ${PROCESS_ID_ENV})")
 
 
-def initialize_from_args(args: argparse.Namespace) -> bool:
-    """Starts the distributed runtime when the flags (or their environment variables) ask for it; returns
-    whether they did. Must run before anything touches a JAX device."""
-    if not (args.distributed or args.coordinator_address or os.environ.get(COORDINATOR_ENV)):
-        if args.num_processes is not None or args.process_id is not None:
-            raise ValueError("--num-processes/--process-id need --distributed or --coordinator-address")
-        return False
-    initialize(args.coordinator_address, args.num_processes, args.process_id)
-    return True
+def initialize_from_args(args: argparse.Namespace) -> None:
+    """Starts the distributed runtime when the flags (or their environment variables) ask for it. Must run before
+    anything touches a JAX device."""
+    if args.distributed or args.coordinator_address or os.environ.get(COORDINATOR_ENV):
+        initialize(args.coordinator_address, args.num_processes, args.process_id)
+    elif args.num_processes is not None or args.process_id is not None:
+        raise ValueError("--num-processes/--process-id need --distributed or --coordinator-address")
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
