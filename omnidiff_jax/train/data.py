@@ -559,10 +559,12 @@ class Streams:
 
 def read_positions(folder: str | os.PathLike) -> dict:
     """Every process's saved `Streams` state in a checkpoint's data folder (`process_<i>-of-<n>.json`, grain's
-    checkpoint files), merged into one {"streams": {stream: position}}."""
+    checkpoint files), merged into one {"streams": {stream: position}}. A file written before streams holds one
+    `PackIterator` state: process i of n ran exactly stream i of n."""
     streams = {}
     for path in sorted(Path(folder).glob("process_*-of-*.json")):
-        streams.update(json.loads(path.read_text())["streams"])
+        saved = json.loads(path.read_text())
+        streams.update(saved["streams"] if "streams" in saved else {path.name.split("_")[1].split("-")[0]: saved})
     if not streams:
         raise DataError(f"{folder}: no data position (process_*-of-*.json)")
     return {"streams": streams}
