@@ -196,16 +196,14 @@ class SpeechDecoder:
         given = [x for x in (keys, phases, source) if x is not None]
         if len(given) != 1 or (phases is None) != (noise is None):
             raise ValueError("give exactly one of keys, phases with noise, or source")
+        if source is not None:
+            s = _pad_rows([np.asarray(x, np.float32) for x in source], mel.shape[1] * cfg.samples_per_frame)
+            return np.asarray(_vocode_source(cfg, self.hift_params, mel, frame_lengths, s))
         if keys is not None:
             phases, noise = _source_randomness(cfg, keys, mel.shape[1])
-            wave = _vocode(cfg, self.hift_params, mel, frame_lengths, phases, noise)
-        elif phases is not None:
-            phases, noise = self._reference_draws(phases, noise, frame_lengths, mel.shape[1])
-            wave = _vocode(cfg, self.hift_params, mel, frame_lengths, phases, noise)
         else:
-            s = _pad_rows([np.asarray(x, np.float32) for x in source], mel.shape[1] * cfg.samples_per_frame)
-            wave = _vocode_source(cfg, self.hift_params, mel, frame_lengths, s)
-        return np.asarray(wave)
+            phases, noise = self._reference_draws(phases, noise, frame_lengths, mel.shape[1])
+        return np.asarray(_vocode(cfg, self.hift_params, mel, frame_lengths, phases, noise))
 
 
     def _reference_draws(self, phases, noise, frame_lengths: np.ndarray, frames: int):
