@@ -36,7 +36,8 @@ import numpy as np
 from omnidiff_jax.model import OmniModel
 from omnidiff_jax.models.dream import decode_functions
 from omnidiff_jax.sampler_loop import ALGS, Knobs, SamplerState, Variant, program
-from omnidiff_jax.sampler_plan import Prompt, as_prompt, boa_index, bucket, make_plan, schedule, torch_linspace
+from omnidiff_jax.sampler_plan import (MASK_SCHEDULES, Prompt, as_prompt, boa_index, bucket, make_plan, schedule,
+                                       torch_linspace)
 
 
 def sample(model: OmniModel, prompts: Sequence[Prompt | Sequence[int] | np.ndarray], *,
@@ -45,7 +46,8 @@ def sample(model: OmniModel, prompts: Sequence[Prompt | Sequence[int] | np.ndarr
            block_size: int | None = None, cfg_scale: float = 0.0,
            uncond: Sequence[Prompt | Sequence[int] | np.ndarray] | None = None, cfg_compat: bool = False,
            repeat_penalty: float = 1.0, max_position_penalty: float = 1.0, boa_prefill: bool = False,
-           prefix_cache: bool = False, seed: int = 0, return_history: bool = False):
+           prefix_cache: bool = False, dual_cache: bool = False, threshold: float | None = None,
+           mask_schedule: str = "linear", seed: int = 0, return_history: bool = False):
     """Generates with the reference's masked-diffusion sampler; returns the generated ids of each row.
 
     prompts: B prompts, each a `Prompt` or a sequence of token ids (lengths may differ).
@@ -59,18 +61,26 @@ def sample(model: OmniModel, prompts: Sequence[Prompt | Sequence[int] | np.ndarr
     alg_temp: > 0 draws the committed positions from softmax(confidence / alg_temp) without replacement.
     block_size: semi-autoregressive blocks over the generation region; None (or -1) = one block of N.
     cfg_scale: classifier-free guidance scale; logits = un + (cfg_scale + 1)(cond - un). Needs `uncond`, one
-        prompt per row
-        (e.g. the task's empty prompt). By default the unconditional row's generation region is aligned with
-        the conditional one; `cfg_compat=True` instead reproduces the reference's speech-to-image behaviour: the
-        unconditional row is uncond ++ generation region ++ zero embeddings up to P + N, mixed by absolute
-        column (it requires len(uncond) <= P, as the reference does).
+        prompt per row (e.g. the task's empty prompt). By default the unconditional row's generation region is
+        aligned with the conditional one; `cfg_compat=True` instead reproduces the reference's speech-to-image
+        behaviour: the unconditional row is uncond ++ generation region ++ zero embeddings up to P + N, mixed by
+        absolute column (it requires len(uncond) <= P, as the reference does).
     repeat_penalty: for 'entropy-penalty' from the second step on: the logits of ids already generated (other
         than id 0 and the mask) become logit * p if negative, logit / p otherwise.
     max_position_penalty: while more than 100 rows are masked, row r >= 100 (in sequence order) has its
         logits scaled away from 0 by 1 + (r - 100) / (n - 100) * (mpp - 1), raising its entropy.
     boa_prefill: write <|begin_of_audio|> at generated position floor(0.2 N) before decoding (SVQA).
-    prefix_cache: reuse the prompt's keys/values within each block, recomputed at every block's start
-        (approximate, faster; see `models.dream.KVCache`).
+
+    Opt-in approximations (faster, not the reference's tokens):
+    prefix_cache: reuse the prompt's keys/values within each block, recomputed at every block's start; each step
+        runs the model from the last prompt column on (see `models.dream.KVCache`).
+    dual_cache: reuse the keys/values of everything outside the current block (prompt and the later blocks),
+        recomputed at every block's start; each step runs the model on the block alone (Fast-dLLM's dual cache).
+    threshold: confidence-threshold parallel decoding (Fast-dLLM): each step commits every mask of the current
+        block whose x0 has probability > threshold, and the most confident one (by `alg`) when none does; a block
+        ends when it is full, so `steps` is not used and a row runs at most N steps. Not with 'origin'.
+    mask_schedule: 'linear' (the reference's timesteps) or 'cosine': MaskGIT's schedule, the fraction of a
+        block still masked after step i of S_b being cos(pi/2 (i + 1) / S_b), for few steps.
     seed: the PRNG seed (origin's transfers, temperature and alg_temp sampling). Same seed, same output.
     return_history: also return, per row, the generated ids after every step ([steps_run, N]).
 
@@ -84,6 +94,7 @@ def sample(model: OmniModel, prompts: Sequence[Prompt | Sequence[int] | np.ndarr
     if alg not in ALGS:
         raise ValueError(f"unknown alg {alg!r}: expected one of {ALGS}")
     _check_options(temperature, top_p, top_k, alg_temp, block_size, cfg_scale, repeat_penalty, max_position_penalty)
+    _check_approximations(alg, prefix_cache, dual_cache, threshold, mask_schedule)
     prompts = [as_prompt(p, model.config, f"prompts[{i}]") for i, p in enumerate(prompts)]
     if not prompts:
         raise ValueError("prompts is empty: give at least one prompt")
@@ -96,14 +107,17 @@ def sample(model: OmniModel, prompts: Sequence[Prompt | Sequence[int] | np.ndarr
                              f"({len(prompts)})")
         uncond_prompts = [as_prompt(p, model.config, f"uncond[{i}]") for i, p in enumerate(uncond)]
     plan = make_plan(model.config, model.layout, prompts, uncond_prompts, gen_length, steps, block_size, boa_prefill,
-                     cfg_compat)
+                     cfg_compat, mask_schedule, threshold is not None)
+    one_block = block_size is None or block_size < 0
     variant = Variant(mask_id=model.config.mask_token_id, vocab_size=model.config.vocab_size, top_k=top_k,
-                      with_cfg=cfg_scale > 0, cache="prefix" if prefix_cache else None, block_size=None,
-                      record_history=return_history)
+                      with_cfg=cfg_scale > 0, cache="prefix" if prefix_cache else "dual" if dual_cache else None,
+                      block_size=(plan.tokens.shape[1] if one_block else block_size) if dual_cache else None,
+                      record_history=return_history, threshold=threshold is not None)
     knobs = Knobs(alg=np.int32(ALGS.index(alg)), temperature=np.float32(temperature),
                   top_p=np.float32(1.0 if top_p is None else top_p), alg_temp=np.float32(alg_temp or 0.0),
                   cfg_scale=np.float32(cfg_scale), repeat_penalty=np.float32(repeat_penalty),
-                  max_position_penalty=np.float32(max_position_penalty))
+                  max_position_penalty=np.float32(max_position_penalty),
+                  threshold=np.float32(threshold or 0.0))
     loop = program(decode_functions(model.config), model.mesh, variant)
     tokens, history, steps_run = jax.device_get(loop(model.params, plan, knobs, jax.random.key(seed)))
     out = [tokens[b, :n] for b, n in enumerate(gen_length)]
@@ -124,6 +138,18 @@ def _check_options(temperature, top_p, top_k, alg_temp, block_size, cfg_scale, r
         (cfg_scale >= 0, f"cfg_scale must be >= 0, got {cfg_scale}"),
         (repeat_penalty > 0, f"repeat_penalty must be > 0, got {repeat_penalty}"),
         (max_position_penalty > 0, f"max_position_penalty must be > 0, got {max_position_penalty}"),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def _check_approximations(alg, prefix_cache, dual_cache, threshold, mask_schedule):
+    checks = (
+        (not (prefix_cache and dual_cache), "prefix_cache and dual_cache exclude each other: pick one"),
+        (threshold is None or 0 < threshold < 1, f"threshold must be in (0, 1) or None, got {threshold}"),
+        (threshold is None or alg != "origin", "threshold decoding needs a confidence: not with alg 'origin'"),
+        (mask_schedule in MASK_SCHEDULES, f"mask_schedule must be one of {MASK_SCHEDULES}, got {mask_schedule!r}"),
     )
     for ok, message in checks:
         if not ok:

@@ -54,6 +54,7 @@ class Knobs:
     cfg_scale: jax.Array
     repeat_penalty: jax.Array
     max_position_penalty: jax.Array
+    threshold: jax.Array  # with `Variant.threshold`: commit the block's masks whose x0 probability exceeds this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Variant:
     cache: str | None  # None (exact), or one of CACHES
     block_size: int | None  # the dual cache's window is one block (plus the column before it)
     record_history: bool
+    threshold: bool = False  # confidence-threshold parallel decoding (Fast-dLLM): blocks end when they are full
 
 
 @struct.dataclass
@@ -77,6 +79,7 @@ class SamplerState:
     step: jax.Array  # [] int32, the global step (the same for every row)
     history: jax.Array  # [Nb, B, Nb] tokens after each step, or [0, B, Nb] when not recorded
     steps_run: jax.Array  # [B] steps each row has run (a row stops when no mask is left, as the reference breaks)
+    block_lo: jax.Array  # [B] where the block of each row's last step starts (-1 before the first step)
     cache: Any  # models.dream.KVCache over the R model rows' canvases, or None without a cache
 
 
@@ -89,7 +92,7 @@ class _Step:
     ratio: jax.Array
     last: jax.Array
     active: jax.Array
-    refresh: jax.Array
+    refresh: jax.Array  # the row runs and starts a block: caches are recomputed
 
 
 @struct.dataclass
@@ -137,8 +140,7 @@ def _loop(model: DecodeFunctions, mesh, variant: Variant, params, plan: Plan, kn
 
     def body(state: SamplerState) -> SamplerState:
         j = state.step
-        step = _Step(*(jax.lax.dynamic_index_in_dim(table, j, axis=1, keepdims=False) for table in (
-            plan.block_lo, plan.block_hi, plan.ratio, plan.last, plan.active, plan.refresh)))
+        step = _current_step(variant, plan, state)
         hidden, first, cache = _model_pass(model, variant, params, plan, fixed, state.tokens, state.cache, step)
         keys = jax.random.split(jax.random.fold_in(key, j), 3)
         noise = _Noise(jax.random.uniform(keys[0], (b, nb)), jax.random.gumbel(keys[1], (b, nb)),
@@ -147,7 +149,8 @@ def _loop(model: DecodeFunctions, mesh, variant: Variant, params, plan: Plan, kn
         tokens, ran = _update(read, shortlist, variant, knobs, state.tokens, step, j, noise)
         tokens = sharding.constrain(tokens, ("activation_batch", "activation_length"))
         history = state.history.at[j].set(tokens) if variant.record_history else state.history
-        return SamplerState(tokens, j + 1, history, state.steps_run + ran, cache)
+        return SamplerState(tokens, j + 1, history, state.steps_run + ran,
+                            jnp.where(step.active, step.block_lo, state.block_lo), cache)
 
     def running(state: SamplerState):
         """Steps remain, and some row that still has steps has a mask left (the reference's break)."""
@@ -156,9 +159,25 @@ def _loop(model: DecodeFunctions, mesh, variant: Variant, params, plan: Plan, kn
 
     cache = None if variant.cache is None else model.empty_cache(plan.segments)
     t = plan.block_lo.shape[1] if variant.record_history else 0
-    state = SamplerState(plan.tokens, jnp.int32(0), jnp.zeros((t, b, nb), jnp.int32), jnp.zeros(b, jnp.int32), cache)
+    state = SamplerState(plan.tokens, jnp.int32(0), jnp.zeros((t, b, nb), jnp.int32), jnp.zeros(b, jnp.int32),
+                         jnp.full(b, -1, jnp.int32), cache)
     state = jax.lax.while_loop(running, body, state)
     return state.tokens, state.history, state.steps_run
+
+
+def _current_step(variant: Variant, plan: Plan, state: SamplerState) -> _Step:
+    """Each row's step: its entry in the plan's tables, or with a confidence threshold the block of its first
+    mask (the blocks before it are full). A row refreshes its caches when it runs in a new block."""
+    table = lambda t: jax.lax.dynamic_index_in_dim(t, state.step, axis=1, keepdims=False)  # noqa: E731
+    masked = state.tokens == variant.mask_id
+    if variant.threshold:
+        lo = jnp.argmax(masked, axis=1) // plan.block_size * plan.block_size
+        hi = jnp.minimum(lo + plan.block_size, plan.gen_length)
+        ratio, last = jnp.zeros(lo.shape, jnp.float32), jnp.zeros(lo.shape, bool)
+    else:
+        lo, hi, ratio, last = map(table, (plan.block_lo, plan.block_hi, plan.ratio, plan.last))
+    active = table(plan.active)
+    return _Step(lo, hi, ratio, last, active, active & jnp.any(masked, axis=1) & (lo != state.block_lo))
 
 
 # ---------------------------------------------------------------------------------------------- the model pass
@@ -215,8 +234,9 @@ def _model_pass(model: DecodeFunctions, variant: Variant, params, plan: Plan, fi
                                      cache, start)
         return jnp.where(refresh[:, None, None], fresh_hidden, hidden), cache
 
+    runs = (step.active & jnp.any(tokens == variant.mask_id, axis=1))[batch_row]
     fresh_hidden, cache = jax.lax.cond(jnp.any(refresh), refreshed, unchanged, cache)
-    hidden, cache = jax.lax.cond(jnp.all(refresh), lambda h, c: (h, c), windowed, fresh_hidden, cache)
+    hidden, cache = jax.lax.cond(jnp.all(refresh | ~runs), lambda h, c: (h, c), windowed, fresh_hidden, cache)
     return hidden, start, cache
 
 
@@ -259,8 +279,8 @@ def _update(read, shortlist, variant: Variant, knobs: Knobs, tokens, step: _Step
     wanted = jnp.where(is_origin, transfer, (masked & in_block) | (first_mask & (m == 0)[:, None])) & ran[:, None]
     penalty = jnp.where((knobs.alg == ALGS.index("entropy-penalty")) & (j > 0), knobs.repeat_penalty, 1.0)
     generated = _generated_ids(tokens, variant.mask_id, variant.vocab_size)
-    x0, confidence = _decide_columns(read, shortlist, knobs, tokens, wanted, passed, generated, penalty, noise.token,
-                                     variant.top_k)
+    x0, confidence, probability = _decide_columns(read, shortlist, knobs, tokens, wanted, passed, generated,
+                                                  penalty, noise.token, variant.top_k)
 
     # how many to commit, and which: top-k of the confidence over masked positions, out-of-block ones at -inf
     k = jnp.where(step.last, m, (m.astype(jnp.float32) * step.ratio).astype(jnp.int32))
@@ -270,13 +290,18 @@ def _update(read, shortlist, variant: Variant, knobs: Knobs, tokens, step: _Step
     score = jnp.where(knobs.alg_temp > 0, sampled, confidence)
     order = jnp.lexsort((-score, ~masked), axis=1)  # masked first, then by score; ties: the lower column
     rank = jnp.zeros_like(order).at[jnp.arange(b)[:, None], order].set(column[None])
-    commit = jnp.where(is_origin, transfer & ran[:, None], masked & (rank < k[:, None]))
+    if variant.threshold:  # Fast-dLLM: every mask of the block whose x0 is likely enough, else the best one
+        sure = masked & in_block & (probability > knobs.threshold)
+        commit = (sure | (masked & (rank == 0) & ~jnp.any(sure, axis=1, keepdims=True))) & ran[:, None]
+    else:
+        commit = jnp.where(is_origin, transfer & ran[:, None], masked & (rank < k[:, None]))
     return jnp.where(commit, x0, tokens), ran
 
 
 def _decide_columns(read, shortlist, knobs: Knobs, tokens, wanted, passed, generated, repeat_penalty, gumbel,
                     top_k: int | None):
-    """x0 and confidence [B, Nb] of the `wanted` columns [B, Nb] (elsewhere x0 = tokens, confidence -inf).
+    """x0, confidence and x0's probability [B, Nb] of the `wanted` columns [B, Nb] (elsewhere x0 = tokens,
+    confidence -inf, probability 0).
 
     The vocabulary-wide work (the head, the candidates' top-k, logsumexp) runs at the narrowest of `head_widths`
     that holds every row's wanted columns; the rest of `sample_tokens` works on the candidates of every column.
@@ -303,9 +328,9 @@ def _decide_columns(read, shortlist, knobs: Knobs, tokens, wanted, passed, gener
     values, ids, logsumexp = (jnp.zeros((b, nb) + x.shape[2:], x.dtype).at[row, target].set(x, mode="drop")
                               for x in found)
     rank = jnp.cumsum(passed, axis=1) - passed  # each column's index among the passed rows
-    x0, confidence = _pick(values, ids, logsumexp, rank, jnp.sum(passed, axis=1), generated, knobs, repeat_penalty,
-                           gumbel, top_k)
-    return jnp.where(wanted, x0, tokens), jnp.where(wanted, confidence, -jnp.inf)
+    x0, confidence, probability = _pick(values, ids, logsumexp, rank, jnp.sum(passed, axis=1), generated, knobs,
+                                        repeat_penalty, gumbel, top_k)
+    return jnp.where(wanted, x0, tokens), jnp.where(wanted, confidence, -jnp.inf), jnp.where(wanted, probability, 0)
 
 
 def _shortlister(mesh, variant: Variant, batch: int):
@@ -405,7 +430,7 @@ def sample_tokens(logits, rank, n, generated, knobs: Knobs, repeat_penalty, gumb
     (inside shard_map), or None.
     """
     values, ids, logsumexp = _shortlist(logits, knobs.temperature, gumbel.shape[-1], vocab_axes)
-    return _pick(values, ids, logsumexp, rank, n, generated, knobs, repeat_penalty, gumbel, top_k)
+    return _pick(values, ids, logsumexp, rank, n, generated, knobs, repeat_penalty, gumbel, top_k)[:2]
 
 
 def _shortlist(logits, temperature, count: int, vocab_axes):
@@ -419,8 +444,8 @@ def _shortlist(logits, temperature, count: int, vocab_axes):
 
 def _pick(values, ids, logsumexp, rank, n, generated, knobs: Knobs, repeat_penalty, gumbel, top_k: int | None):
     """The rest of `sample_tokens`, on each row's candidates (`_shortlist`): top-p, top-k, the repeat and
-    position penalties, softmax, then x0 and the confidence [B, W]. The reference's filtered row is finfo.min
-    outside the candidates, so this is the reference's math."""
+    position penalties, softmax, then x0, the confidence and x0's probability [B, W]. The reference's filtered
+    row is finfo.min outside the candidates, so this is the reference's math."""
     dtype = values.dtype  # the logits dtype
     values = values.astype(jnp.float32)
     low = jnp.finfo(dtype).min
@@ -449,11 +474,12 @@ def _pick(values, ids, logsumexp, rank, n, generated, knobs: Knobs, repeat_penal
     choice = jnp.argmax(jnp.log(probs) + gumbel, axis=-1)  # a draw from probs
     sampling = temperature > 0
     x0 = jnp.where(sampling, jnp.take_along_axis(ids, choice[..., None], axis=-1)[..., 0], greedy)
+    probability = jnp.where(sampling, jnp.take_along_axis(probs, choice[..., None], axis=-1)[..., 0], best)
     top2 = jax.lax.top_k(probs, 2)[0]
     confidence = jnp.select(
         [knobs.alg == ALGS.index("topk_margin"), knobs.alg >= ALGS.index("entropy")],
         [_round(top2[..., 0] - top2[..., 1], dtype),
          _round(jnp.sum(_round(probs * _round(jnp.log(_round(probs + 1e-10, dtype)), dtype), dtype), axis=-1),
                 dtype)],
-        jnp.where(sampling, jnp.take_along_axis(probs, choice[..., None], axis=-1)[..., 0], best))
-    return x0, confidence
+        probability)
+    return x0, confidence, probability

@@ -8,6 +8,9 @@ float32 arithmetic (Omni-Diffusion `generation_utils.py`, `_sample`):
     S_b      = int(len_b / N * min(steps, N))            steps of block b
     ratio_i  = 1 - t[i+1] / t[i],  t = linspace(1, eps, S_b + 1)   (restarted in every block)
 
+(`mask_schedule='cosine'`: MaskGIT's t_i = cos(pi/2 i / S_b) instead; with a confidence threshold the blocks are
+not scheduled at all: the device loop moves on when a block is full.)
+
 Lengths are rounded up to buckets (at most 25% over), so prompts and generation lengths within a bucket reuse one
 compiled program; the step tables have one column per generated token (a row never runs more steps than that),
 so the step count never recompiles either. Padding sits in its own attention segment, so a row's logits do not
@@ -17,6 +20,7 @@ depend on its neighbours.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import numpy as np
@@ -26,6 +30,7 @@ from omnidiff_jax.models.dream import DreamConfig
 from omnidiff_jax.vocab import TokenLayout
 
 EPS = 1e-3  # the final timestep, DreamGenerationConfig's default
+MASK_SCHEDULES = ("linear", "cosine")
 
 # What fills a canvas column of a model row.
 PROMPT, CANVAS, ZERO = 0, 1, 2
@@ -54,13 +59,14 @@ class Plan:
     positions: np.ndarray  # [R, L] RoPE positions
     segments: np.ndarray  # [R, L] 0 = the row's real sequence, 1 = padding
     tokens: np.ndarray  # [B, Nb] the initial generation regions (mask, BOA prefill, 0 beyond N_r)
+    gen_length: np.ndarray  # [B] N_r
+    block_size: np.ndarray  # [B] the row's block size (N_r for one block)
     # per row and step ([B, Nb]: a row runs at most N steps)
     block_lo: np.ndarray  # the step's block, as generation-region indices [lo, hi)
     block_hi: np.ndarray
     ratio: np.ndarray  # float32 1 - t[i+1] / t[i]
     last: np.ndarray  # the block's last step
-    active: np.ndarray  # the row runs this step
-    refresh: np.ndarray  # a block starts (caches are recomputed)
+    active: np.ndarray  # the row may run this step
     num_steps: np.ndarray  # [] int32
 
 
@@ -118,12 +124,13 @@ def boa_index(prompt_length: int, gen_length: int) -> int:
     return int(np.float32(prompt_length) + np.float32(gen_length) * np.float32(0.2)) - prompt_length
 
 
-def schedule(gen_length: int, steps: int, block_size: int | None, boa_prefill: bool):
+def schedule(gen_length: int, steps: int, block_size: int | None, boa_prefill: bool, mask_schedule: str = "linear"):
     """One row's steps as (block_lo, block_hi, ratio, last) tuples, in generation-region indices.
 
     Blocks are counted from the masks left after BOA prefill (ceil(masks / block_size)) and cover
     [b * block_size, (b + 1) * block_size) clipped to N; block b runs S_b = int(float32(len_b / N) * S) steps
-    with S = min(steps, N), each with ratio = float32(1 - t[i+1] / t[i]) for t = linspace(1, eps, S_b + 1).
+    with S = min(steps, N), each with ratio = float32(1 - t[i+1] / t[i]) for t = linspace(1, eps, S_b + 1), or
+    with `mask_schedule='cosine'` t_i = cos(pi/2 i / S_b) (MaskGIT: the fraction still masked after step i).
     """
     n = gen_length
     total = min(steps, n)
@@ -133,7 +140,11 @@ def schedule(gen_length: int, steps: int, block_size: int | None, boa_prefill: b
     for b in range(-(-masks // size)):
         lo, hi = b * size, min((b + 1) * size, n)
         block_steps = int(np.float32(np.float32(hi - lo) / np.float32(n)) * np.float32(total))
-        t = torch_linspace(1.0, EPS, block_steps + 1)
+        if mask_schedule == "cosine":
+            i = np.arange(block_steps + 1, dtype=np.float32)
+            t = np.cos(np.float32(math.pi / 2) * i / np.float32(max(block_steps, 1)))
+        else:
+            t = torch_linspace(1.0, EPS, block_steps + 1)
         for i in range(block_steps):
             ratio = np.float32(1.0) - np.float32(t[i + 1] / t[i])
             rows.append((lo, hi, ratio, i == block_steps - 1))
@@ -158,8 +169,9 @@ def check_lengths(config: DreamConfig, prompts: list[Prompt], uncond: list[Promp
 
 def make_plan(config: DreamConfig, layout: TokenLayout, prompts: list[Prompt], uncond: list[Prompt] | None,
               gen_length: list[int], steps: list[int], block_size: int | None, boa_prefill: bool,
-              cfg_compat: bool) -> Plan:
-    """Lays every row out on the bucketed canvas [R, G + Nb] and builds the per-row step tables.
+              cfg_compat: bool, mask_schedule: str = "linear", threshold: bool = False) -> Plan:
+    """Lays every row out on the bucketed canvas [R, G + Nb] and builds the per-row step tables (with a
+    confidence `threshold` a row may run up to N_r steps; the loop finds its blocks itself).
 
     Column G - 1 holds every row's last prompt token. With CFG the unconditional row b + B is, aligned
     (`cfg_compat=False`): uncond ++ the generation region, ending where the conditional prompt ends; or as the
@@ -190,9 +202,14 @@ def make_plan(config: DreamConfig, layout: TokenLayout, prompts: list[Prompt], u
         tokens[r, :n] = config.mask_token_id
         if boa_prefill:
             tokens[r, boa_index(p[r], n)] = layout.begin_of_audio
-    tables = _step_tables([schedule(n, s, block_size, boa_prefill) for n, s in zip(gen_length, steps)], nb)
+    if threshold:  # at least one commit per step
+        plans = [[(0, 0, np.float32(0), False)] * n for n in gen_length]
+    else:
+        plans = [schedule(n, s, block_size, boa_prefill, mask_schedule) for n, s in zip(gen_length, steps)]
+    sizes = [n if block_size is None or block_size < 0 else min(block_size, n) for n in gen_length]
     return Plan(canvas.prompt_ids, canvas.feats, canvas.feat_cols, canvas.kind, canvas.src, canvas.positions,
-                canvas.segments, tokens, **tables)
+                canvas.segments, tokens, np.asarray(gen_length, np.int32), np.asarray(sizes, np.int32),
+                **_step_tables(plans, nb))
 
 
 class _Canvas:
@@ -224,11 +241,9 @@ def _step_tables(plans: list[list[tuple]], nb: int) -> dict:
     plus the number of steps the loop runs."""
     b = len(plans)
     table = {name: np.zeros((b, nb), dtype) for name, dtype in (
-        ("block_lo", np.int32), ("block_hi", np.int32), ("ratio", np.float32), ("last", bool), ("active", bool),
-        ("refresh", bool))}
+        ("block_lo", np.int32), ("block_hi", np.int32), ("ratio", np.float32), ("last", bool), ("active", bool))}
     for r, plan in enumerate(plans):
         for j, (lo, hi, ratio, last) in enumerate(plan):
-            table["refresh"][r, j] = j == 0 or lo != plan[j - 1][0]
             table["block_lo"][r, j], table["block_hi"][r, j] = lo, hi
             table["ratio"][r, j], table["last"][r, j], table["active"][r, j] = ratio, last, True
     table["num_steps"] = np.int32(max(len(plan) for plan in plans))

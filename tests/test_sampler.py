@@ -246,6 +246,75 @@ def test_prefix_cache_sampler(setup):
     assert (cached != jm.config.mask_token_id).all()
 
 
+def first_step_logits(tm, embeds, n, mask):
+    """The reference's shifted logits [n, V] of the generation region at the first step (every position masked)."""
+    with torch.no_grad():
+        x = torch.cat([torch.zeros(1, P, dtype=torch.long), torch.full((1, n), mask)], 1)
+        e = tm.model.embed_tokens(x)
+        e[:, :P] = embeds
+        logits = tm.forward_dream(inputs_embeds=e)
+        return torch.cat([logits[:, :1], logits[:, :-1]], 1)[0, P:]
+
+
+def test_threshold_decoding_commits_the_confident_masks_and_at_least_one(setup):
+    tm, jm, prompt, embeds, _ = setup
+    n, block = 64, 16
+    # step 0: exactly the block's masks whose x0 (after top-p / top-k) has probability > tau are committed
+    probability, x0 = sample_tokens(first_step_logits(tm, embeds, n, jm.config.mask_token_id)[:block], 0.0, 0.9,
+                                     50)
+    tau = float(np.sort(probability.numpy())[block // 2 - 1:block // 2 + 1].mean())  # half the block is above
+    got, history = sample(jm, [prompt], gen_length=n, steps=1, block_size=block, threshold=tau,
+                          return_history=True)
+    mask = jm.config.mask_token_id
+    committed = history[0][0] != mask
+    np.testing.assert_array_equal(committed[:block], probability.numpy() > tau)
+    assert not committed[block:].any()
+    np.testing.assert_array_equal(history[0][0][:block][committed[:block]], x0.numpy()[committed[:block]])
+    # every step commits at least one mask, in the block of the first mask left, until none is left
+    masks = np.concatenate([[n], (history[0] == mask).sum(1)])
+    assert (np.diff(masks) <= -1).all() and masks[-1] == 0 and (got[0] != mask).all()
+    for before, after in zip(np.concatenate([np.full((1, n), mask), history[0][:-1]]), history[0]):
+        changed = np.flatnonzero(before != after)
+        assert changed.min() // block == changed.max() // block == np.flatnonzero(before == mask).min() // block
+    # a threshold no probability reaches: one commit per step; one every probability passes: one step per block
+    _, strict = sample(jm, [prompt], gen_length=n, steps=1, block_size=block, threshold=0.999999,
+                       return_history=True)
+    assert len(strict[0]) == n
+    loose, easy = sample(jm, [prompt], gen_length=n, steps=1, block_size=block, threshold=1e-9, return_history=True)
+    assert len(easy[0]) == n // block
+    exact = sample(jm, [prompt], gen_length=n, steps=n // block, block_size=block)  # the last step commits all
+    np.testing.assert_array_equal(loose[0], exact[0])
+
+
+def test_dual_cache_is_exact_when_every_step_starts_a_block_and_rows_stay_independent(setup):
+    _, jm, prompt, _, _ = setup
+    # one step per block: every step refreshes the cache, so the tokens are the exact sampler's
+    options = dict(gen_length=N, steps=N // BLOCK, block_size=BLOCK, alg="entropy")
+    np.testing.assert_array_equal(sample(jm, [prompt], dual_cache=True, **options)[0],
+                                  sample(jm, [prompt], **options)[0])
+    # within blocks the cache is stale (approximate), and each batch row is still computed alone, also when the
+    # rows' blocks move on at different steps (threshold decoding)
+    prompts = [prompt, Prompt(np.arange(40, 49, dtype=np.int32))]
+    lengths = [N, 120]  # one compile bucket
+    both = sample(jm, prompts, gen_length=lengths, steps=1, block_size=BLOCK, dual_cache=True, threshold=0.2)
+    for r in range(2):
+        alone = sample(jm, [prompts[r]], gen_length=lengths[r], steps=1, block_size=BLOCK, dual_cache=True,
+                       threshold=0.2)[0]
+        np.testing.assert_array_equal(both[r], alone)
+
+
+def test_cosine_schedule_commits_maskgit_counts(setup):
+    _, jm, prompt, _, _ = setup
+    n, steps = 96, 6
+    _, history = sample(jm, [prompt], gen_length=n, steps=steps, mask_schedule="cosine", return_history=True)
+    left = (history[0] == jm.config.mask_token_id).sum(1)
+    # MaskGIT: after step i of S, n cos(pi/2 (i + 1) / S) positions are still masked (up to the rounding of k)
+    want = n * np.cos(np.pi / 2 * np.arange(1, steps + 1) / steps)
+    assert len(left) == steps and left[-1] == 0
+    np.testing.assert_allclose(left, want, atol=steps)
+    assert (np.diff(np.concatenate([[n], left])) < 0).all()
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(prompts=[[]]), "non-empty"),
     (dict(prompts=[]), "at least one prompt"),
@@ -259,6 +328,10 @@ def test_prefix_cache_sampler(setup):
     (dict(top_p=0.0), "top_p must be in (0, 1]"),
     (dict(block_size=0), "block_size must be"),
     (dict(prompts=[Prompt([1, 2], np.zeros((1, 64)), [5])]), "embed_positions must lie in the prompt"),
+    (dict(prefix_cache=True, dual_cache=True), "exclude each other"),
+    (dict(threshold=1.0), "threshold must be in (0, 1)"),
+    (dict(threshold=0.9, alg="origin"), "not with alg 'origin'"),
+    (dict(mask_schedule="exp"), "mask_schedule must be one of"),
 ])
 def test_bad_input_raises_clear_errors(setup, change, message):
     _, jm, _, _, _ = setup
