@@ -14,12 +14,13 @@ recomputes) over seconds x the device's dense bf16 peak (`trainer.PEAK_FLOPS`, o
     python scripts/bench_train.py --config omni_diffusion_7b --layers 4 --seq-len 3072 --packs 1 --bf16 \
         --remat none dots full --no-torch
     # the loss's memory (XLA's compiled memory analysis of loss + gradient) with full logits and chunked:
-    python scripts/bench_train.py --memory --config small --seq-len 3072 8192
+    python scripts/bench_train.py --memory --config small --seq-len 3072 8192 --packs 1 --remat none full
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 
 import benchlib  # noqa: F401  (puts tests/ on the path)
@@ -86,8 +87,9 @@ def loss_memory(args) -> list[dict]:
     backend's [L, L] scores would otherwise set the peak."""
     plan_fused_attention()
     rows = []
-    for seq_len in args.seq_len:
+    for seq_len, policy in itertools.product(args.seq_len, args.remat):
         cfg = model_config(args, seq_len)
+        cfg.model.remat_policy = policy
         module = Dream(dream_config(cfg))
         params = {"dream": nn.meta.unbox(abstract_params(module, jnp.zeros((1, 8), jnp.int32)))}
         pack = random_packs(token_layout(cfg), seq_len, args.packs)
@@ -99,12 +101,12 @@ def loss_memory(args) -> list[dict]:
             temp[name] = compiled.memory_analysis().temp_size_in_bytes
         vocab = cfg.model.vocab_size
         rows.append({"config": args.config, "layers": cfg.model.num_layers, "compute": cfg.model.dtype,
-                     "packs": args.packs, "seq_len": seq_len, "vocab": vocab,
+                     "remat": policy, "packs": args.packs, "seq_len": seq_len, "vocab": vocab,
                      "logits_gb": args.packs * seq_len * vocab * 4 / 1e9,
                      "full_logits_gb": temp["full_logits"] / 1e9, "chunked_gb": temp["chunked"] / 1e9,
                      "saved_gb": (temp["full_logits"] - temp["chunked"]) / 1e9})
     benchlib.report("Loss + gradient temporaries (XLA memory analysis; logits_gb = one float32 [tokens, vocab])",
-                    rows, ["config", "layers", "compute", "packs", "seq_len", "vocab", "logits_gb",
+                    rows, ["config", "layers", "compute", "remat", "packs", "seq_len", "vocab", "logits_gb",
                            "full_logits_gb", "chunked_gb", "saved_gb"], args.json)
     return rows
 
@@ -117,7 +119,7 @@ def main():
     ap.add_argument("--packs", type=int, default=2, help="packs per update")
     ap.add_argument("--bf16", action="store_true", help="bf16 compute, fp32 master weights")
     ap.add_argument("--remat", nargs="+", default=["none"], choices=sorted(REMAT_POLICIES),
-                    help="remat policies to time (a row each)")
+                    help="remat policies (a row each)")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="per-device peak for MFU (default: looked up)")
     ap.add_argument("--memory", action="store_true", help="compare the loss's memory, full logits vs chunked")
     ap.add_argument("--no-torch", action="store_true")

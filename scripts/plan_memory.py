@@ -56,7 +56,6 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 import omnidiff_jax.models.dream as dream_module  # noqa: E402
 from omnidiff_jax import sharding  # noqa: E402
-from omnidiff_jax.attention import xla_attention  # noqa: E402
 from omnidiff_jax.config import load_config, token_layout  # noqa: E402
 from omnidiff_jax.models import projector, sensevoice  # noqa: E402
 from omnidiff_jax.speech_in import SpeechInput  # noqa: E402
@@ -64,7 +63,7 @@ from omnidiff_jax.train import data  # noqa: E402
 from omnidiff_jax.train.speech import speech_encoder  # noqa: E402
 from omnidiff_jax.train.trainer import HOST_KEYS, Trainer  # noqa: E402
 
-REMAT_MENU = ("none", "dots", "full")
+REMAT_MENU = ("none", "full")  # "dots" would also save the stand-in's own matmuls, which no kernel exposes
 ATTENTION_BLOCK = 512  # query rows per block of the stand-in flash attention
 GB = 1e9
 
@@ -78,6 +77,16 @@ def _unblocks(x):
     return x.swapaxes(0, 1).reshape(x.shape[1], -1, *x.shape[3:])
 
 
+def _block_attention(q, k, v, q_segments, k_segments):
+    """softmax(q k^T / sqrt(D)) v of a query block q [B, T, Hq, D] over all keys [B, L, Hkv, D], keys of other
+    segments hidden; the batch axis kept on its own, so the block splits over devices like the batch."""
+    group = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    scores = jnp.where(q_segments[:, None, :, None] == k_segments[:, None, None, :], scores, -jnp.inf)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
+
+
 @jax.custom_vjp
 def _flash_standin(q, k, v, segments):
     """Attention a query block at a time; keeps only its inputs for the backward pass, as flash kernels do."""
@@ -86,7 +95,7 @@ def _flash_standin(q, k, v, segments):
 
 def _flash_forward(q, k, v, segments):
     block = math.gcd(q.shape[1], ATTENTION_BLOCK)
-    out = jax.lax.map(lambda xs: xla_attention(xs[0], k, v, xs[1], segments),
+    out = jax.lax.map(lambda xs: _block_attention(xs[0], k, v, xs[1], segments),
                       (_blocks(q, block), _blocks(segments, block)))
     return _unblocks(out), (q, k, v, segments)
 
@@ -97,7 +106,7 @@ def _flash_backward(saved, grad):
 
     def body(acc, xs):
         qb, sb, gb = xs
-        _, pull = jax.vjp(lambda q_, k_, v_: xla_attention(q_, k_, v_, sb, segments), qb, k, v)
+        _, pull = jax.vjp(lambda q_, k_, v_: _block_attention(q_, k_, v_, sb, segments), qb, k, v)
         dq, dk, dv = pull(gb)
         return (acc[0] + dk.astype(jnp.float32), acc[1] + dv.astype(jnp.float32)), dq
 
@@ -113,8 +122,7 @@ def planned_attention(q, k, v, *, segment_ids=None, key_segment_ids=None, query_
     """`attention.dot_product_attention` as the planner compiles it (training: queries and keys alike)."""
     del implementation, key_segment_ids
     segments = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
-    # opaque to the layer's remat policy, as a kernel call is: "dots" must not save the stand-in's own matmuls
-    out = jax.checkpoint(_flash_standin)(q, k, v, segments)
+    out = _flash_standin(q, k, v, segments)
     return out if query_valid is None else out * query_valid[:, :, None, None].astype(out.dtype)
 
 

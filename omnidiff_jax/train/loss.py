@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from omnidiff_jax import sharding
 from omnidiff_jax.attention import segment_ids_from_positions
 from omnidiff_jax.models.dream import Dream
-from omnidiff_jax import sharding
 from omnidiff_jax.sharding import constrain
 from omnidiff_jax.train.data import AUDIO_PREFIX, IGNORE
 
@@ -48,7 +48,7 @@ def supervised_slots(labels: jax.Array, chunk: int) -> tuple[jax.Array, jax.Arra
     The capacity C is L - 1 rounded up to a multiple of `chunk`: every possible label has a slot, so none is
     ever dropped whatever a pack holds, and chunks past the last label cost nothing (`head_cross_entropy`)."""
     targets = labels[:, 1:]
-    b, n = targets.shape
+    n = targets.shape[1]
     order = jnp.argsort(targets == IGNORE, axis=-1, stable=True)  # [B, L - 1]
     targets = jnp.take_along_axis(targets, order, axis=-1)
     pad = -(-n // chunk) * chunk - n
