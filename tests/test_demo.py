@@ -11,6 +11,7 @@ from PIL import Image
 from omnidiff_jax import demo
 
 
+@pytest.mark.slow
 def test_demo_learns_above_chance(tmp_path):
     out = tmp_path / "demo"
     summary = demo.run(out, progress=False)  # the default 1500 steps: about 3-5 minutes on 2 CPU cores

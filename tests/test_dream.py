@@ -175,6 +175,7 @@ def test_remat_and_attention_backends_agree(pair):
     assert _auto(jnp.float32) == ("splash" if jax.default_backend() == "tpu" else "xla")
 
 
+@pytest.mark.slow
 def test_gradients_flow_through_remat(pair):
     _, _, jm, folder = pair
     model = omnidiff_jax.load_model(folder, remat_policy="full")

@@ -112,6 +112,7 @@ def test_chunked_head_equals_the_full_logits(objective, fill):
     assert pack_loss[1] == 0  # the pack with no label
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective,with_speech", [("inverse_t", False), ("reference", True)])
 def test_batch_loss_equals_the_full_logits_path(dream, objective, with_speech):
     """The whole micro-batch loss (embeddings, user speech, Dream, head) and its gradients for every trainable

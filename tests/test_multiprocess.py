@@ -87,6 +87,7 @@ def single(env):
     return workdir
 
 
+@pytest.mark.slow
 def test_training_moves_between_process_counts_and_survives_a_killed_process(env, single):
     """1 -> 2: the single-process run's step-2 checkpoint resumed on 2 processes x 4 devices (parameters and
     optimizer state resharded, each process's data stream moved to its saved position) gives the same losses;
@@ -129,6 +130,7 @@ def test_training_moves_between_process_counts_and_survives_a_killed_process(env
         np.testing.assert_allclose(final[key], leaf, rtol=1e-6, atol=1e-7, err_msg=key)
 
 
+@pytest.mark.slow
 def test_generate_over_two_processes_matches_one(env, tmp_path):
     """`omnidiff generate --requests` on 2 processes x 4 devices, the batch split over data (2, across the
     processes) and the model over fsdp (4), sampling at temperature 1: the manifest (written by process 0 alone)

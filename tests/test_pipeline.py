@@ -36,6 +36,7 @@ def pipe(paths):
                          speech_decoder=paths["speech_decoder"])
 
 
+@pytest.mark.slow
 def test_every_task_end_to_end(pipe, assets):
     requests = [
         {"task": "t2i", "text": "a red apple", **FAST},
@@ -140,6 +141,7 @@ def test_jsonl_batch_names_the_bad_line(tmp_path, line, problem):
 
 # ------------------------------------------------------------------------------------------- plain text (task "text")
 
+@pytest.mark.slow
 def test_cli_generate_with_random_tiny_weights(capsys):
     assert cli.main(["generate", "--config", "tiny", "--prompt-ids", "1,2,3", "--prompt-ids", "4,5",
                      "--gen-length", "128", "--steps", "8", "--batch-size", "1"]) == 0

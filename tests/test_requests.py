@@ -127,6 +127,7 @@ def test_every_preset_field_and_sampler_option_is_checked():
     assert {f.name for f in dataclasses.fields(TaskPreset)} | set(SAMPLER_OPTIONS) <= set(FIELDS)
 
 
+@pytest.mark.slow
 def test_bad_requests_change_no_good_result(pipe, paths, sampler_fault):
     """One request of each bad kind among good ones, in the same groups: every good one gives exactly what it
     gives alone, and every bad one its own error."""
