@@ -19,6 +19,11 @@ the 1.3 GB table needs no transpose, and the matmul is the same either way.
 
 Layers run under `nn.scan` (parameters stacked on a leading `layers` axis) with a configurable remat policy.
 Parameters and activations carry logical axis names; `omnidiff_jax.sharding` maps them to mesh axes.
+
+For the sampler's caches, a forward pass can take a `KVCache` (every layer's keys and values over a whole canvas)
+and run over a window of the canvas only: the window's keys and values are written in place and its queries
+attend to every column through the same attention backends and sharding constraints as a plain pass.
+`decode_functions` hands the model to the sampler's loop as functions (embed, hidden states, head).
 """
 
 from __future__ import annotations
