@@ -9,7 +9,8 @@ A request is a JSON object (a dict in Python):
     prompt_ids  (task "text" only, instead of `text`) the whole prompt as token ids, used as they are
     id          a name for the request (a string or an integer), copied to its result
     any `tasks.TaskPreset` field (`steps`, `gen_length`, `alg`, `cfg_scale`, `chat`, ...): overrides the task's preset
-    seed, cfg_compat, block_size, prefix_cache, alg_temp: options of `sampler.sample`
+    seed, cfg_compat, block_size, prefix_cache, alg_temp, dual_cache, threshold, mask_schedule: options of
+                `sampler.sample`
 
 `check_request` checks the type and value of every field and returns a `Request`, or raises `RequestError` naming
 the request, the field and the value. `iter_jsonl` reads a batch file of requests, one per line.
@@ -24,10 +25,11 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from omnidiff_jax.jsonl import parse_object
-from omnidiff_jax.sampler import ALGS
+from omnidiff_jax.sampler import ALGS, MASK_SCHEDULES
 from omnidiff_jax.tasks import INPUTS, OUTPUTS, PRESETS, TASKS, TaskPreset
 
-SAMPLER_OPTIONS = ("seed", "cfg_compat", "block_size", "prefix_cache", "alg_temp")
+SAMPLER_OPTIONS = ("seed", "cfg_compat", "block_size", "prefix_cache", "alg_temp", "dual_cache", "threshold",
+                   "mask_schedule")
 
 
 class RequestError(ValueError):
@@ -82,6 +84,9 @@ FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {  # field -> (accepts
                    "block)"),
     "prefix_cache": (_flag, "true or false"),
     "alg_temp": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "dual_cache": (_flag, "true or false"),
+    "threshold": (lambda v: v is None or (_number(v) and 0 < v < 1), "a number in (0, 1), or null (off)"),
+    "mask_schedule": (lambda v: v in MASK_SCHEDULES, f"one of {', '.join(MASK_SCHEDULES)}"),
 }
 PRESET_FIELDS = tuple(f.name for f in dataclasses.fields(TaskPreset))
 INPUT_FIELDS = ("text", "image", "audio")

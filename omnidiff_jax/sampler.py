@@ -166,4 +166,5 @@ def _per_row(value, rows: int, name: str) -> list[int]:
     return [int(v) for v in values]
 
 
-__all__ = ["ALGS", "Prompt", "SamplerState", "sample", "schedule", "boa_index", "bucket", "torch_linspace"]
+__all__ = ["ALGS", "MASK_SCHEDULES", "Prompt", "SamplerState", "sample", "schedule", "boa_index", "bucket",
+           "torch_linspace"]

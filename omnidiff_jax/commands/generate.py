@@ -34,13 +34,13 @@ from omnidiff_jax.model import init_model
 from omnidiff_jax.outputs import ResultWriter
 from omnidiff_jax.pipeline import Pipeline
 from omnidiff_jax.request import iter_jsonl
-from omnidiff_jax.sampler import ALGS
+from omnidiff_jax.sampler import ALGS, MASK_SCHEDULES
 from omnidiff_jax.sharding import make_mesh
 from omnidiff_jax.tasks import TASKS
 
 OVERRIDES = ("gen_length", "steps", "alg", "temperature", "top_p", "top_k", "alg_temp", "block_size",
              "repeat_penalty", "max_position_penalty", "cfg_scale", "cfg_compat", "boa_prefill", "prefix_cache",
-             "seed", "adaptive")  # flags that override request fields of the same name
+             "dual_cache", "threshold", "mask_schedule", "seed", "adaptive")  # flags that override request fields of the same name
 
 
 def register(group) -> None:
@@ -78,7 +78,13 @@ def register(group) -> None:
                    help="pre-fill <|begin_of_audio|> at floor(0.2 N)")
     p.add_argument("--adaptive", choices=("asr", "tts"), help="the evaluation scripts' adaptive length rule")
     p.add_argument("--prefix-cache", action="store_true", default=None,
-                   help="reuse the prompt's keys/values within a block")
+                   help="reuse the prompt's keys/values within a block (approximate)")
+    p.add_argument("--dual-cache", action="store_true", default=None,
+                   help="reuse the keys/values outside the current block within a block (approximate)")
+    p.add_argument("--threshold", type=float,
+                   help="commit every mask of the block whose token probability exceeds this, at least one per step "
+                   "(Fast-dLLM; approximate, --steps unused)")
+    p.add_argument("--mask-schedule", choices=MASK_SCHEDULES, help="linear (the reference's) or cosine (MaskGIT)")
     p.add_argument("--batch-size", type=int, default=8, help="requests per sampler call (default 8)")
     p.add_argument("--seed", type=int)
     p.add_argument("--output", help="plain text: write the JSON lines to this file instead of stdout")
