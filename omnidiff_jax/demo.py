@@ -183,15 +183,12 @@ def run(out: str | os.PathLike = "demo", steps: int = 1500, seed: int = 0, force
         progress: bool = True) -> dict:
     """Builds the world, trains, samples every task; returns {task: accuracy} and writes `out`/results.json."""
     from omnidiff_jax import fbank, sharding
-    from omnidiff_jax.model import OmniModel
-    from omnidiff_jax.config import dream_config, token_layout
+    from omnidiff_jax.config import token_layout
     from omnidiff_jax.models.projector import ProjectorConfig
     from omnidiff_jax.models.sensevoice import SenseVoiceConfig
-    from omnidiff_jax.pipeline import Pipeline
-    from omnidiff_jax.speech_in import SpeechInput, init_speech_input, load_wave
+    from omnidiff_jax.speech_in import init_speech_input, load_wave
     from omnidiff_jax.text_tokenizer import ByteTokenizer
     from omnidiff_jax.train import prepare
-    from omnidiff_jax.train.checkpoints import load_run_params
     from omnidiff_jax.train.speech import speech_encoder
     from omnidiff_jax.train.trainer import Trainer
 
@@ -228,12 +225,7 @@ def run(out: str | os.PathLike = "demo", steps: int = 1500, seed: int = 0, force
     one_device = sharding.make_mesh(devices=jax.devices()[:1])  # the tiny model and its 4-pack batch: any host
     trainer = Trainer(cfg, speech_encoder(speech, cfg.data.max_audios, cfg.data.max_audio_frames), one_device)
     trainer.run(progress=progress)
-    trained = load_run_params(cfg.train.workdir)
-    speech = SpeechInput(speech.encoder, speech.projector,
-                         {"encoder": speech.params["encoder"], "projector": trained["audio_projection"]})
-    model = OmniModel(dream_config(cfg), layout, jax.tree.map(np.asarray, trained["dream"]), speech=speech)
-    pipe = Pipeline(model, ByteTokenizer(layout.num_text), image_tokenizer=images, seed=seed,
-                    generated_image_codes=GRID * GRID)
+    pipe = trained_pipeline(root, seed)
 
     accuracy, shown = evaluate(pipe, concepts, media, np.random.RandomState(seed + 1))
     picture = root / "image_tasks.png"
@@ -244,9 +236,56 @@ def run(out: str | os.PathLike = "demo", steps: int = 1500, seed: int = 0, force
     return summary
 
 
+def trained_pipeline(root: str | os.PathLike, seed: int = 0):
+    """The `Pipeline` of the demo run in `root` (after `run`): its trained Dream and speech projector, the frozen
+    random speech encoder of `seed` it was trained with, and the grid image tokenizer."""
+    from omnidiff_jax.config import dream_config, token_layout
+    from omnidiff_jax.model import OmniModel
+    from omnidiff_jax.models.projector import ProjectorConfig
+    from omnidiff_jax.models.sensevoice import SenseVoiceConfig
+    from omnidiff_jax.pipeline import Pipeline
+    from omnidiff_jax.speech_in import SpeechInput, init_speech_input
+    from omnidiff_jax.text_tokenizer import ByteTokenizer
+    from omnidiff_jax.train.checkpoints import load_run_params
+
+    cfg = train_config(Path(root), steps=1)  # the model's shape; the step count does not matter here
+    layout = token_layout(cfg)
+    speech = init_speech_input(SenseVoiceConfig.tiny(), ProjectorConfig.tiny(hidden_size=cfg.model.hidden_size),
+                               seed=seed)
+    trained = load_run_params(cfg.train.workdir)
+    speech = SpeechInput(speech.encoder, speech.projector,
+                         {"encoder": speech.params["encoder"], "projector": trained["audio_projection"]})
+    model = OmniModel(dream_config(cfg), layout, jax.tree.map(np.asarray, trained["dream"]), speech=speech)
+    return Pipeline(model, ByteTokenizer(layout.num_text), image_tokenizer=GridImages(layout.num_image_codes),
+                    seed=seed, generated_image_codes=GRID * GRID)
+
+
 def evaluate(pipe, concepts: list[Concept], media: Path, rng: np.random.RandomState) -> tuple[dict, np.ndarray]:
     """Samples every task for every concept (fresh voice recordings); returns exact-match accuracy per task and a
     picture with one row per image request: target grid | t2i output | s2i output."""
+    requests, targets = eval_requests(concepts, media, rng)
+    results = pipe.run(requests)
+    for req, res in zip(requests, results):
+        if res["error"]:
+            raise RuntimeError(f"demo request {req} failed: {res['error']}")
+    rows = []
+    images = pipe.image_tokenizer
+    for k, c in enumerate(concepts):
+        t2i, s2i = results[6 * k], results[6 * k + 1]
+        tiles = [images.picture(c.grid)]
+        for r in (t2i, s2i):
+            codes = list(r["image_codes"][:GRID * GRID]) or [0]
+            codes += [codes[-1]] * (GRID * GRID - len(codes))
+            tiles.append(images.picture(codes))
+        gap = np.full((GRID * CELL, 4, 3), 255, np.uint8)
+        rows.append(np.concatenate([tiles[0], gap, tiles[1], gap, tiles[2]], axis=1))
+    shown = np.concatenate([np.concatenate([r, np.full((4, r.shape[1], 3), 255, np.uint8)]) for r in rows])
+    return score(requests, results, targets), shown
+
+
+def eval_requests(concepts: list[Concept], media: Path, rng: np.random.RandomState) -> tuple[list, list]:
+    """The evaluation: every task for every concept, spoken ones with a fresh recording of its voice (written
+    under `media`); returns the pipeline requests and their targets (the grid, name or speech codes)."""
     requests, targets = [], []
     for k, c in enumerate(concepts):
         wav = media / f"eval_voice_{k}.wav"
@@ -263,14 +302,15 @@ def evaluate(pipe, concepts: list[Concept], media: Path, rng: np.random.RandomSt
              **lengths("svqa")},
         ]
         targets += [c.grid, c.grid, c.name, c.name, c.speech, concepts[other].speech]
-    results = pipe.run(requests)
+    return requests, targets
+
+
+def score(requests: list[dict], results: list[dict], targets: list) -> dict[str, float]:
+    """Exact-match accuracy per task of `results` (the pipeline's result dicts) against `eval_requests`' targets:
+    the first GRID^2 image codes, the speech codes, or the stripped text."""
     hits: dict[str, list[bool]] = {t: [] for t in TASK_LENGTHS}
-    rows = []
-    images = pipe.image_tokenizer
     for req, res, want in zip(requests, results, targets):
         task = req["task"]
-        if res["error"]:
-            raise RuntimeError(f"demo request {req} failed: {res['error']}")
         if task in ("t2i", "s2i"):
             got = np.asarray(res["image_codes"][:GRID * GRID])
             hits[task].append(got.shape == want.shape and bool((got == want).all()))
@@ -278,14 +318,4 @@ def evaluate(pipe, concepts: list[Concept], media: Path, rng: np.random.RandomSt
             hits[task].append(res["audio_codes"] == want.tolist())
         else:
             hits[task].append(res["text"].strip() == want)
-    for k, c in enumerate(concepts):
-        t2i, s2i = results[6 * k], results[6 * k + 1]
-        tiles = [images.picture(c.grid)]
-        for r in (t2i, s2i):
-            codes = list(r["image_codes"][:GRID * GRID]) or [0]
-            codes += [codes[-1]] * (GRID * GRID - len(codes))
-            tiles.append(images.picture(codes))
-        gap = np.full((GRID * CELL, 4, 3), 255, np.uint8)
-        rows.append(np.concatenate([tiles[0], gap, tiles[1], gap, tiles[2]], axis=1))
-    shown = np.concatenate([np.concatenate([r, np.full((4, r.shape[1], 3), 255, np.uint8)]) for r in rows])
-    return {t: float(np.mean(h)) for t, h in hits.items()}, shown
+    return {t: float(np.mean(h)) for t, h in hits.items()}

@@ -1,7 +1,9 @@
 """Benchmark: our jitted sampler against the PyTorch transcription of the reference loop (tests/torch_ref/sampler.py)
 on the same weights and machine, float32, config `small`: 256 generated tokens in 256 and in 64 steps, batch 1
-and 8, with and without the prefix cache. Prints ms per step, generated tokens/s, the speedup over PyTorch, and
-how many tokens the prefix cache run shares with the exact one; writes JSON. The reference loop only runs one
+and 8, exact and in every fast mode `sample` offers (prefix and dual cache, confidence threshold --taus, cosine
+schedule). Prints ms per step (per step actually run), generated tokens/s, model evaluations per request (the steps
+each row ran, from the sampler's history), the speedup over PyTorch, and the share of tokens equal to the exact
+sampler's; writes JSON. The reference loop only runs one
 prompt at a time (with B > 1 its row-0 block flags do not match the pooled rows), so its batch-B time is B times
 one single-prompt run. Each of our runs is timed `--repeats` times, and the fastest counts (the machine is shared).
 
@@ -12,6 +14,7 @@ one single-prompt run. Each of our runs is timed `--repeats` times, and the fast
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import tempfile
 import time
@@ -38,6 +41,15 @@ def timed(fn, repeats: int = 1):
     return out, best
 
 
+def modes(taus) -> dict[str, dict]:
+    """Our sampler's modes that `sample` offers: name -> its options."""
+    every = {"ours": {}, "ours + prefix cache": {"prefix_cache": True}, "ours + dual cache": {"dual_cache": True},
+             **{f"ours, tau {tau}": {"threshold": tau} for tau in taus},
+             "ours, cosine schedule": {"mask_schedule": "cosine"}}
+    offered = set(inspect.signature(sample).parameters)
+    return {name: options for name, options in every.items() if set(options) <= offered}
+
+
 def fastest_torch_threads(tm, layout, prompt_length: int) -> int:
     """Sets torch to the faster of 1 thread or all cores for the reference loop (OpenMP threads can slow
     down by orders of magnitude on a busy machine), judged on a short run; returns the choice."""
@@ -62,6 +74,7 @@ def main():
     ap.add_argument("--block-sizes", nargs="+", type=int, default=[-1], help="-1: one block")
     ap.add_argument("--alg", default="entropy")
     ap.add_argument("--real-vocab", action="store_true", help="the released model's 176264-token vocabulary")
+    ap.add_argument("--taus", nargs="*", type=float, default=[0.9], help="confidence thresholds to run")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--json", default="out/bench_sampler.json")
     args = ap.parse_args()
@@ -95,27 +108,31 @@ def main():
                 _, t_torch = timed(lambda: reference_sample(tm, embeds[:1], mask_id=layout.mask,
                                                             boa_id=layout.begin_of_audio, **options))
             t_torch *= b
-            for prefix_cache in (False, True):  # compile (one step: the program does not depend on `steps`)
-                sample(jm, list(prompts), prefix_cache=prefix_cache, **{**options, "steps": 1})
-            exact, t_exact = timed(lambda: sample(jm, list(prompts), **options), args.repeats)
-            cached, t_cached = timed(lambda: sample(jm, list(prompts), prefix_cache=True, **options), args.repeats)
-            agreement = float(np.mean([(x == y).mean() for x, y in zip(exact, cached)]))
-            for name, t in (("torch reference", t_torch), ("ours", t_exact), ("ours + prefix cache", t_cached)):
+            rows.append({"batch": b, "steps": steps, "block_size": block_size, "sampler": "torch reference",
+                         "torch_threads": torch_threads, "ms_per_step": t_torch / steps * 1e3,
+                         "tokens_per_s": b * n / t_torch, "evals_per_request": steps, "speedup_vs_torch": 1.0})
+            exact = None
+            for name, mode in modes(args.taus).items():
+                run = lambda: sample(jm, list(prompts), return_history=True, **options, **mode)  # noqa: E731
+                # compile (one step: the program does not depend on `steps`)
+                sample(jm, list(prompts), return_history=True, **{**options, "steps": 1}, **mode)
+                (out, history), t = timed(run, args.repeats)
+                exact = out if exact is None else exact  # "ours" comes first
+                evals = float(np.mean([len(h) for h in history]))  # model passes: the steps each row ran
                 rows.append({"batch": b, "steps": steps, "block_size": block_size, "sampler": name,
-                             "torch_threads": torch_threads,
-                             "ms_per_step": t / steps * 1e3,
-                             "tokens_per_s": b * n / t, "speedup_vs_torch": t_torch / t,
-                             "agree_with_exact": agreement if "cache" in name else None})
-            print(time.strftime("%H:%M:%S"), rows[-3:], flush=True)
+                             "ms_per_step": t / max(len(h) for h in history) * 1e3, "tokens_per_s": b * n / t,
+                             "evals_per_request": evals, "speedup_vs_torch": t_torch / t,
+                             "agree_with_exact": float(np.mean([(x == y).mean() for x, y in zip(exact, out)]))})
+                print(time.strftime("%H:%M:%S"), rows[-1], flush=True)
     setting = lambda r: (r["steps"], r["block_size"], r["sampler"])  # noqa: E731
     single = {setting(r): r["tokens_per_s"] for r in rows if r["batch"] == 1}
     for r in rows:
         if r["batch"] != 1 and setting(r) in single:
             r["throughput_vs_batch1"] = r["tokens_per_s"] / single[setting(r)]
+    columns = ["batch", "steps", "block_size", "sampler", "ms_per_step", "tokens_per_s", "evals_per_request",
+               "speedup_vs_torch", "throughput_vs_batch1", "agree_with_exact"]
     benchlib.report(f"Sampler, config {args.config}, float32, prompt {args.prompt_length}, {n} generated tokens "
-                    f"(alg {args.alg})", rows, ["batch", "steps", "block_size", "sampler", "ms_per_step", "tokens_per_s",
-                                                "speedup_vs_torch", "throughput_vs_batch1", "agree_with_exact"],
-                    args.json)
+                    f"(alg {args.alg})", rows, columns, args.json)
 
 
 if __name__ == "__main__":
