@@ -98,7 +98,7 @@ def test_sampling_math_on_bfloat16_logits_is_bit_exact(alg):
         mask_id=234)
     knobs = Knobs(alg=np.int32(ALGS.index(alg)), temperature=np.float32(0), top_p=np.float32(0.9),
                   alg_temp=np.float32(0), cfg_scale=np.float32(0), repeat_penalty=np.float32(penalty),
-                  max_position_penalty=np.float32(2.0))
+                  max_position_penalty=np.float32(2.0), threshold=np.float32(0))
     rows = jax.jit(functools.partial(sampler_loop.sample_tokens, top_k=50))
     x0, conf = rows(jnp.asarray(logits, jnp.bfloat16)[None], jnp.arange(130)[None], jnp.array([130]), generated,
                     knobs, np.float32(penalty), jnp.zeros((1, 130, 66)))
@@ -338,7 +338,8 @@ def test_mesh_matches_single_device_without_gathering_the_vocabulary(setup):
     plan = make_plan(cfg, sharded.layout, [as_prompt(p, cfg, "p") for p in prompts], None, options["gen_length"],
                      [8] * 4, None, False, False)
     knobs = Knobs(alg=np.int32(4), temperature=np.float32(0), top_p=np.float32(0.9), alg_temp=np.float32(0),
-                  cfg_scale=np.float32(0), repeat_penalty=np.float32(1.2), max_position_penalty=np.float32(1))
+                  cfg_scale=np.float32(0), repeat_penalty=np.float32(1.2), max_position_penalty=np.float32(1),
+                  threshold=np.float32(0))
     text = loop.lower(sharded.params, plan, knobs, jax.random.key(0)).compile().as_text()
     shapes = re.findall(r"= \w+\[([\d,]*)\]\S* all-gather\(", text)
     assert [s for s in shapes if s.endswith(str(cfg.vocab_size))] == []
