@@ -4,7 +4,12 @@ top-1 logits and sampler tokens; the SenseVoice encoder's distance to float32).
 
 A layer is fed the input the bf16 reference gave its own copy (captured with forward hooks), so each fraction
 measures that layer alone. PyTorch's bf16 `nn.Linear` accumulates in float32, adds the bias in float32 and rounds
-once; Flax's `nn.Dense` rounded twice and matched ~71 % of a biased layer's outputs.
+once; Flax's `nn.Dense` rounded twice and matched ~71 % of a biased layer's outputs. The attention core is checked
+against PyTorch's CPU `scaled_dot_product_attention` directly.
+
+No sampler-token test: the reference samples from bf16 logits, so its confidences are bf16 (18-31 distinct values
+among 32 masked positions) and tie at the top-k cut in some steps, where torch's order is unspecified; with ~6 % of
+the logits one ulp apart, 4 of 12 short runs (32 tokens, 8 steps) come out identical.
 """
 
 import copy
@@ -20,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 import omnidiff_jax
+from omnidiff_jax.attention import dot_product_attention
 from omnidiff_jax.models.dream import MLP, Dream, RMSNorm
 from omnidiff_jax.models.layers import Dense
 from omnidiff_jax.models.projector import ProjectorConfig
@@ -202,16 +208,59 @@ def test_dream_layers_round_like_the_reference(dream):
     assert not bad, f"layers below {MIN_SAME:.1%} bit-identical: {bad}"
 
 
-def test_dream_bf16_logits_top1_agree_as_the_reference_with_itself(dream):
-    """Our bf16 top-1 agrees with the reference's bf16 as often as the reference's bf16 agrees with its float32.
+def top1(a, b) -> float:
+    return float((a.argmax(-1) == b.argmax(-1)).mean())
 
-    Not 99.5 %: every layer above is bit-identical, but PyTorch's CPU attention kernel (SDPA, flash) matches
-    ours on ~95 % of its outputs (its internal rounding is not documented), and two layers spread that."""
-    c, tm, jm = dream
+
+@pytest.fixture(scope="module")
+def dream_logits(dream):
+    """The reference's bf16 and float32 logits of 8 random rows of 128 tokens."""
+    c, tm, _ = dream
     ids = np.random.default_rng(5).integers(0, c["vocab_size"], (8, 128))
     with torch.no_grad():
         bf16 = tm.forward_dream(torch.tensor(ids)).float().numpy()
         fp32 = copy.deepcopy(tm).float().forward_dream(torch.tensor(ids)).numpy()
+    return ids, bf16, fp32
+
+
+def test_dream_bf16_logits_top1_agree_as_the_reference_with_itself(dream, dream_logits):
+    """As the library runs it (XLA's default compile), our bf16 top-1 agrees with the reference's bf16 as often as
+    the reference's bf16 agrees with its float32 (98.7 % here).
+
+    Not 99.5 %: by default XLA may keep an elementwise bf16 result in float32 inside a fusion
+    (`xla_allow_excess_precision`), which PyTorch always rounds; only ~20 % of the logits come out bit-identical.
+    The next test asserts 99.5 % with that option off."""
+    _, _, jm = dream
+    ids, bf16, fp32 = dream_logits
     ours = np.asarray(jm.logits(ids))
-    agree = lambda a, b: float((a.argmax(-1) == b.argmax(-1)).mean())  # noqa: E731
-    assert agree(ours, bf16) >= agree(bf16, fp32) - 0.002 and agree(ours, bf16) > 0.98
+    assert top1(ours, bf16) >= top1(bf16, fp32) - 0.002 and top1(ours, bf16) > 0.98
+
+
+def test_dream_bf16_logits_top1_without_excess_precision(dream, dream_logits):
+    """Compiled with `xla_allow_excess_precision=False` (every bf16 result rounded, as PyTorch does), our bf16
+    Dream's top-1 matches the reference's bf16 on >= 99.5 % of positions (99.8 % here; ~94 % of the logits are
+    bit-identical): layers and attention core round alike, what remains is accumulation order."""
+    _, _, jm = dream
+    ids, bf16, _ = dream_logits
+    run = jax.jit(lambda p, i: Dream(jm.config).apply({"params": p}, i)).lower(jm.params, ids)
+    ours = run.compile(compiler_options={"xla_allow_excess_precision": False})(jm.params, ids)
+    ours = np.asarray(jnp.asarray(ours, jnp.float32))
+    assert top1(ours, bf16) >= 0.995
+    assert same_bits(ours, bf16) > 0.9
+
+
+@pytest.mark.parametrize("head_dim", [128, 64])
+@pytest.mark.parametrize("keys", [128, 600])  # 600: two of the torch kernel's 512-key blocks
+def test_attention_core_rounds_like_torch_sdpa(head_dim, keys):
+    """Our XLA attention in bf16 against PyTorch's CPU `scaled_dot_product_attention` on the same bf16 inputs,
+    with packed segments: >= 99.9 % of the outputs bit-identical (before scaling the fp32 scores and using the
+    kernel's fast exponential: ~50 % at head size 128, ~95-98 % at 64)."""
+    gen = torch.Generator().manual_seed(head_dim + keys)
+    q, k, v = [(torch.randn(2, 4, keys, head_dim, generator=gen) * s).to(torch.bfloat16) for s in (2.0, 2.0, 1.0)]
+    segments = torch.tensor(np.repeat([0, 1, 2], [keys // 2, keys // 4, keys - keys // 2 - keys // 4]))
+    mask = (segments[:, None] == segments[None, :])[None, None]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).float().numpy()
+    ours = jax.jit(functools.partial(dot_product_attention, implementation="xla"))(
+        *[jnp.asarray(x.float().numpy().transpose(0, 2, 1, 3), BF16) for x in (q, k, v)],
+        segment_ids=jnp.asarray(np.tile(segments.numpy(), (2, 1))))
+    assert same_bits(np.asarray(jnp.asarray(ours, jnp.float32)).transpose(0, 2, 1, 3), want) >= MIN_SAME
