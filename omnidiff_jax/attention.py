@@ -47,7 +47,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_i
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "auto":
-        implementation = _auto(q.dtype)
+        implementation = auto_implementation(q.dtype)
     if key_segment_ids is None:
         key_segment_ids = segment_ids
     if implementation == "cudnn":
@@ -61,7 +61,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_i
     return out
 
 
-def _auto(dtype) -> str:
+def auto_implementation(dtype) -> str:
+    """The backend "auto" picks for inputs of `dtype` on this platform."""
     platform = jax.default_backend()
     if platform == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
         return "cudnn"

@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from omnidiff_jax import adaptive_length, sampler
+from omnidiff_jax import adaptive_length, attention, sampler
 from omnidiff_jax.checkpoint import load_model
 from omnidiff_jax.image import ImageTokenizer, to_uint8
 from omnidiff_jax.model import OmniModel
@@ -301,19 +302,17 @@ def step_bytes(config: DreamConfig, rows: int, length: int, generated: int) -> i
     """
     square = length * length
     backend = config.attention_impl
-    if backend == "auto":  # as omnidiff_jax.attention chooses
-        platform = jax.default_backend()
-        half = config.dtype in ("bfloat16", "float16")
-        backend = "splash" if platform == "tpu" else "cudnn" if platform == "gpu" and half else "xla"
+    if backend == "auto":
+        backend = attention.auto_implementation(jnp.dtype(config.dtype))
     if backend != "xla":
-        attention = rows * square if backend == "cudnn" else 0
+        scores = rows * square if backend == "cudnn" else 0
     elif jax.default_backend() == "cpu":
-        attention = 4 * square + rows * square
+        scores = 4 * square + rows * square
     else:
-        attention = rows * square * (4 * config.num_heads + config.num_heads // config.num_kv_heads)
+        scores = rows * square * (4 * config.num_heads + config.num_heads // config.num_kv_heads)
     layer = rows * length * (2 * config.hidden_size + 2 * config.intermediate_size) * 4
     logits = 2 * rows * generated * config.vocab_size * 4
-    return attention + layer + logits
+    return scores + layer + logits
 
 
 def free_device_memory() -> int | None:

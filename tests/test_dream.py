@@ -170,9 +170,9 @@ def test_remat_and_attention_backends_agree(pair):
         other = omnidiff_jax.load_model(folder, **kw)
         np.testing.assert_allclose(np.asarray(other.logits(ids)), base, rtol=0, atol=1e-5)
     # cuDNN / splash run only on their platforms (scripts/gpu_check.sh compares cuDNN with XLA on a GPU)
-    from omnidiff_jax.attention import _auto
-    assert _auto(jnp.bfloat16) == {"cpu": "xla", "gpu": "cudnn", "tpu": "splash"}[jax.default_backend()]
-    assert _auto(jnp.float32) == ("splash" if jax.default_backend() == "tpu" else "xla")
+    from omnidiff_jax.attention import auto_implementation
+    assert auto_implementation(jnp.bfloat16) == {"cpu": "xla", "gpu": "cudnn", "tpu": "splash"}[jax.default_backend()]
+    assert auto_implementation(jnp.float32) == ("splash" if jax.default_backend() == "tpu" else "xla")
 
 
 @pytest.mark.slow

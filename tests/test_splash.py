@@ -63,4 +63,4 @@ def test_splash_gradients_match_xla():
 def test_auto_picks_splash_only_on_tpu(monkeypatch):
     for backend, want in (("tpu", "splash"), ("cpu", "xla"), ("gpu", "cudnn")):
         monkeypatch.setattr(jax, "default_backend", lambda: backend)
-        assert attention._auto(jnp.bfloat16) == want
+        assert attention.auto_implementation(jnp.bfloat16) == want
