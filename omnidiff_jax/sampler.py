@@ -139,18 +139,20 @@ def _check_options(temperature, top_p, top_k, alg_temp, block_size, cfg_scale, r
         (repeat_penalty > 0, f"repeat_penalty must be > 0, got {repeat_penalty}"),
         (max_position_penalty > 0, f"max_position_penalty must be > 0, got {max_position_penalty}"),
     )
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    _raise_first(checks)
 
 
 def _check_approximations(alg, prefix_cache, dual_cache, threshold, mask_schedule):
-    checks = (
+    _raise_first((
         (not (prefix_cache and dual_cache), "prefix_cache and dual_cache exclude each other: pick one"),
         (threshold is None or 0 < threshold < 1, f"threshold must be in (0, 1) or None, got {threshold}"),
         (threshold is None or alg != "origin", "threshold decoding needs a confidence: not with alg 'origin'"),
         (mask_schedule in MASK_SCHEDULES, f"mask_schedule must be one of {MASK_SCHEDULES}, got {mask_schedule!r}"),
-    )
+    ))
+
+
+def _raise_first(checks) -> None:
+    """Raises ValueError with the message of the first (ok, message) pair that is not ok."""
     for ok, message in checks:
         if not ok:
             raise ValueError(message)

@@ -248,7 +248,7 @@ def _head(model: DecodeFunctions, params, variant: Variant, knobs: Knobs, plan: 
     b = columns.shape[0]
     at = jnp.clip(g - 1 + columns[jnp.arange(rows) % b] - first[:, None], 0, hidden.shape[1] - 1)
     h = jnp.take_along_axis(hidden, at[..., None], axis=1)
-    logits = sharding.constrain(model.logits(params, h), ("activation_batch", "activation_length", "activation_vocab"))
+    logits = model.logits(params, h)  # constrained to the activation axes by Dream.logits
     if not variant.with_cfg:
         return logits
     dtype = logits.dtype
