@@ -12,9 +12,8 @@ import ml_collections
 
 from omnidiff_jax.checkpoint import load_speech
 from omnidiff_jax.config import dream_config
-from omnidiff_jax.convert.sensevoice import load_sensevoice_small
+from omnidiff_jax.convert.sensevoice import load_sensevoice_small, sensevoice_small_config
 from omnidiff_jax.models import projector
-from omnidiff_jax.models.sensevoice import SenseVoiceConfig
 from omnidiff_jax.speech_in import SpeechInput, encode
 from omnidiff_jax.train.loss import SpeechEncoder
 
@@ -42,10 +41,11 @@ def speech_input_from_config(cfg: ml_collections.ConfigDict) -> SpeechInput:
                          "with the SenseVoice encoder (an Omni-Diffusion folder or SenseVoiceSmall's model.pt)")
     path = Path(cfg.speech.path)
     if path.suffix == ".pt" or (path / "model.pt").exists():
-        encoder, cmvn = load_sensevoice_small(path)
+        encoder_cfg = sensevoice_small_config(path)  # the shape the weights are loaded with (config.yaml)
+        encoder, cmvn = load_sensevoice_small(path, encoder_cfg)
         proj_cfg = projector.ProjectorConfig.omni_diffusion(hidden_size=cfg.model.hidden_size)
         params = {"encoder": encoder, "projector": projector.init_params(proj_cfg, cfg.init.seed)}
-        return SpeechInput(SenseVoiceConfig.small(), proj_cfg, params, cmvn)
+        return SpeechInput(encoder_cfg, proj_cfg, params, cmvn)
     return load_speech(path, dream_config(cfg).param_dtype)
 
 
