@@ -64,11 +64,14 @@ def dream_target(cfg: DreamConfig) -> dict[str, jax.ShapeDtypeStruct]:
 
 def param_groups(cfg: DreamConfig, speech: Speech | None = None) -> list[ParamGroup]:
     """The model's parameter groups, in claiming order: the speech input (if any), then the LLM."""
-    groups = []
-    if speech is not None:
-        groups.append(ParamGroup(SPEECH_GROUP, speech_keymap(), speech_target(*speech), SPEECH_KEYS))
+    groups = [] if speech is None else [speech_group(speech)]
     groups.append(ParamGroup(LLM_GROUP, dream_keymap(cfg), dream_target(cfg)))
     return groups
+
+
+def speech_group(speech: Speech) -> ParamGroup:
+    """The speech input's parameter group (SenseVoice encoder + projector), claiming `model.audio_*` keys."""
+    return ParamGroup(SPEECH_GROUP, speech_keymap(), speech_target(*speech), SPEECH_KEYS)
 
 
 def speech_configs(raw_config: dict, dtype: str, file: Path) -> Speech:
@@ -157,5 +160,5 @@ def stored_config(meta: dict, file: Path) -> tuple[DreamConfig, TokenLayout, Spe
 
 
 __all__ = ["LLM_GROUP", "SPEECH_GROUP", "SPEECH_KEYS", "LAYOUT", "INDEX_FILE", "ParamGroup", "Speech",
-           "has_speech", "dream_target", "param_groups", "speech_configs", "speech_dtype", "split_source", "plan_groups",
-           "split_groups", "hf_files", "folder_meta", "stored_config"]
+           "has_speech", "dream_target", "param_groups", "speech_group", "speech_configs", "speech_dtype",
+           "split_source", "plan_groups", "split_groups", "hf_files", "folder_meta", "stored_config"]

@@ -42,7 +42,8 @@ from omnidiff_jax.convert.dream import check_field_types, dream_keymap, hf_confi
 from omnidiff_jax.convert.keymap import IDENTITY, ConversionError, Plan, copy_into, flatten, unflatten
 from omnidiff_jax.convert.omni import (INDEX_FILE, LLM_GROUP, SPEECH_GROUP, ParamGroup, Speech, dream_target,
                                        folder_meta, has_speech, hf_files, param_groups, plan_groups,
-                                       speech_configs, speech_dtype, split_groups, split_source, stored_config)
+                                       speech_configs, speech_dtype, speech_group, split_groups, split_source,
+                                       stored_config)
 from omnidiff_jax.convert.sources import CheckpointError, Source, open_source, read_json, write_safetensors
 from omnidiff_jax.model import OmniModel, param_shardings
 from omnidiff_jax.models.dream import DreamConfig
@@ -164,18 +165,18 @@ def load_speech(path: str | os.PathLike, dtype: str) -> SpeechInput:
     `dtype` (the LLM's is skipped: nothing of it is read)."""
     path = Path(path)
     if orbax_io.is_checkpoint(path):
-        cfg, _, speech = _stored_config(path)
+        _, _, speech = _stored_config(path)
         if speech is not None:
             speech = speech_dtype(speech, dtype)
-            group = param_groups(cfg, speech)[0]
+            group = speech_group(speech)
             params = orbax_io.restore(path, {f"{SPEECH_GROUP}/{p}": t for p, t in group.target.items()})
             return SpeechInput(*speech, split_groups(params)[SPEECH_GROUP])
     else:
-        cfg, _, raw = read_hf_config(path)
+        _, _, raw = read_hf_config(path)
         source = open_source(path)
         if has_speech(source):
             speech = speech_configs(raw, dtype, path / "config.json")
-            group = param_groups(cfg, speech)[0]
+            group = speech_group(speech)
             part = Source({k: ref for k, ref in source.items() if re.fullmatch(group.claims, k)}, source.description)
             return SpeechInput(*speech, group.keymap.load(part, group.target, dtype=speech[0].param_dtype))
     raise CheckpointError(f"{path}: holds no speech input (no model.audio_model.* or model.audio_projection.* "
