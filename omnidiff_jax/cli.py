@@ -2,7 +2,8 @@
 
 Every error ends as one line on stderr, `omnidiff: error: ...`, and a non-zero exit status: 2 for what the user
 can fix (bad values, files and folders, damaged data or checkpoints, a full disk, device memory), 1 for anything
-else (a bug: the line says so), 130 for Ctrl-C. `--debug` prints the traceback before the line.
+else (a bug: the line says so), 130 for Ctrl-C. `pipeline.describe_error` tells the two kinds apart and words the
+line, as it does a failed request's error. `--debug` prints the traceback before the line.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import pkgutil
 import sys
 import traceback
 
-from jax.errors import JaxRuntimeError
-
 from omnidiff_jax import commands
+from omnidiff_jax.pipeline import describe_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,29 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 -- every error becomes one line; --debug shows where it came from
         if args.debug:
             traceback.print_exc()
-        status, message = describe(e)
+        fixable, message = describe_error(e)
+        if not fixable:
+            message += " (rerun with --debug for the traceback)"
         print(f"omnidiff: error: {message}", file=sys.stderr)
-        return status
-
-
-def describe(error: Exception) -> tuple[int, str]:
-    """(exit status, one-line message) for an error ending a command: 2 for errors the user can fix, 1 for bugs."""
-    if isinstance(error, OSError) and error.strerror:
-        files = " -> ".join(str(f) for f in (error.filename, error.filename2) if f is not None)
-        return 2, one_line(f"{files}: {error.strerror}" if files else error.strerror)
-    if isinstance(error, (ValueError, OSError)):
-        return 2, one_line(str(error) or type(error).__name__)
-    if isinstance(error, JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error):
-        return 2, one_line(f"out of device memory ({str(error).splitlines()[0]}); use a smaller batch or length")
-    if isinstance(error, MemoryError):
-        return 2, "out of host memory"
-    return 1, one_line(f"internal error, {type(error).__name__}: {error} (rerun with --debug for the traceback)")
-
-
-def one_line(message: str, limit: int = 2000) -> str:
-    """`message` on one line ("; " between its lines), cut to `limit` characters."""
-    text = "; ".join(line.strip() for line in message.splitlines() if line.strip())
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+        return 2 if fixable else 1
 
 
 if __name__ == "__main__":

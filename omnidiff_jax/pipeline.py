@@ -34,6 +34,7 @@ from typing import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.errors import JaxRuntimeError
 from jax.experimental import multihost_utils
 
 from omnidiff_jax import adaptive_length, attention, sampler
@@ -244,7 +245,7 @@ class Pipeline:
                 index = batch[0].request.index
                 yield index, _failed(requests[index], index, e)
                 return
-            log.info("a batch of %d failed (%s); running its rows one at a time", len(batch), _describe(e))
+            log.info("a batch of %d failed (%s); running its rows one at a time", len(batch), describe_error(e)[1])
             for job in batch:
                 yield from self._run_batch([job], requests)
             return
@@ -370,20 +371,32 @@ def _failed(request, index: int, error: Exception) -> dict:
     fields = request if isinstance(request, dict) else {}
     task, request_id = fields.get("task"), fields.get("id")
     plain = lambda v: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)  # noqa: E731
-    message = _describe(error)
+    fixable, message = describe_error(error)
     if not isinstance(error, RequestError):
         message = f"request {index} ({plain(task)}): {message}"
-    if not isinstance(error, (ValueError, OSError)):
+    if not fixable:
         log.info("request %d failed", index, exc_info=error)
     return _result(plain(task), plain(request_id), error=message)
 
 
-def _describe(error: Exception) -> str:
-    """An exception as one line: its message, with the exception's type unless it is a ValueError or OSError."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    if len(text) > 500:
-        text = text[:500] + "..."
+def describe_error(error: Exception) -> tuple[bool, str]:
+    """(whether the user can fix it, the error as one line). The user can fix bad values, files and folders
+    (ValueError, OSError: the message alone, an OSError as "file: reason") and running out of device or host
+    memory; anything else is a bug: "internal error, <type>: <message>". The `omnidiff` command line and the
+    results of failed requests both say errors this way."""
+    if isinstance(error, OSError) and error.strerror:
+        files = " -> ".join(str(f) for f in (error.filename, error.filename2) if f is not None)
+        return True, _one_line(f"{files}: {error.strerror}" if files else error.strerror)
     if isinstance(error, (ValueError, OSError)):
-        return text or type(error).__name__
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+        return True, _one_line(str(error) or type(error).__name__)
+    if isinstance(error, JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error):
+        return True, _one_line(f"out of device memory ({str(error).splitlines()[0]}); use a smaller batch or length")
+    if isinstance(error, MemoryError):
+        return True, "out of host memory"
+    return False, _one_line(f"internal error, {type(error).__name__}: {error}")
+
+
+def _one_line(message: str, limit: int = 2000) -> str:
+    """`message` on one line ("; " between its lines), cut to `limit` characters."""
+    text = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"

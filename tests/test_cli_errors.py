@@ -15,6 +15,7 @@ from jax.errors import JaxRuntimeError
 
 from omnidiff_jax import cli
 from omnidiff_jax.convert.sources import write_safetensors
+from omnidiff_jax.pipeline import describe_error
 from omnidiff_jax.train import data
 
 CONFIG = "configs/train_tiny.py"
@@ -104,8 +105,8 @@ def test_a_bug_is_one_line_too_with_status_1(tmp_path, capsys, monkeypatch):
 def test_device_out_of_memory_is_a_user_error():
     with pytest.raises(JaxRuntimeError) as e:
         jnp.zeros((1 << 40,), jnp.float32).block_until_ready()  # 4 TiB
-    status, message = cli.describe(e.value)
-    assert status == 2 and message.startswith("out of device memory (RESOURCE_EXHAUSTED") and "\n" not in message
+    fixable, message = describe_error(e.value)
+    assert fixable and message.startswith("out of device memory (RESOURCE_EXHAUSTED") and "\n" not in message
 
 
 # ------------------------------------------------------------------------------------------------ config and files

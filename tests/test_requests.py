@@ -65,7 +65,7 @@ def bad_requests(paths):
         ({"task": "asr", "audio": str(paths["missing"]), **FAST}, "does not exist"),  # missing file
         ({"task": "vqa", "text": "What?", "image": str(paths["bad_png"]), **FAST}, "bad.png"),  # unreadable image
         ({"task": "asr", "audio": str(paths["bad_wav"]), **FAST}, "bad.wav"),  # unreadable audio
-        ({"task": "text", "prompt_ids": POISON, **FAST}, "RuntimeError: simulated failure"),  # fails in the sampler
+        ({"task": "text", "prompt_ids": POISON, **FAST}, "internal error, RuntimeError: simulated failure"),  # a bug
     ]
 
 
