@@ -299,6 +299,7 @@ def test_mixture_ratios_num_and_epochs(tmp_path):
     sources = [data.Source("a", data.open_source(folders[0]), ratio=0.5),
                data.Source("b", data.open_source(folders[1]), ratio=2.0),
                data.Source("c", data.open_source(folders[2]), num=3)]
+    assert [s.epoch_size for s in sources] == [5, 12, 3]  # floor(ratio * n), capped at num
     mixed = data.mixture(sources, seed=5)
     epoch = [mixed[i] for i in range(5 + 12 + 3)]
     counts = np.bincount([k for k, _ in epoch], minlength=3)
@@ -455,7 +456,7 @@ def test_empty_source_and_damaged_shards_are_errors(tmp_path):
         data.open_source(tmp_path / "out")
     folder = make_sources(tmp_path, [3])[0]
     with pytest.raises(data.DataError, match="source a yields 0 samples"):
-        data.mixture([data.Source("a", data.open_source(folder), ratio=0.1)], seed=0)
+        data.Source("a", data.open_source(folder), ratio=0.1)
     shard = folder / "shard-00000.array_record"
     shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(data.DataError, match=f"{shard}: not a readable shard"):

@@ -430,13 +430,26 @@ def open_source(folder: str | os.PathLike) -> grain.MapDataset:
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """A named source of the mixture: its samples, a ratio of its size to use per epoch, a cap, a task id."""
+    """A named source of the mixture: its samples, a ratio of its size to use per epoch, a cap, a task id.
+
+    `epoch_size`, how many samples it gives per epoch, min(floor(ratio * n), num), is computed when it is made and
+    must be > 0."""
 
     name: str
     samples: grain.MapDataset
     ratio: float = 1.0
     num: int | None = None
     task: int = 0
+    epoch_size: int = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        n = len(self.samples)
+        used = int(n * self.ratio)
+        if self.num is not None:
+            used = min(used, self.num)
+        if used <= 0:
+            raise DataError(f"source {self.name} yields 0 samples ({n} samples, ratio {self.ratio}, num {self.num})")
+        object.__setattr__(self, "epoch_size", used)
 
 
 class Shuffled(grain.MapDataset):
@@ -470,23 +483,12 @@ def mixture(sources: Sequence[Source], seed: int) -> grain.MapDataset:
     wrapping), concatenated, then shuffled afresh every epoch; endless."""
     parts = []
     for k, src in enumerate(sources):
-        n, used = len(src.samples), _epoch_size(src)
+        n, used = len(src.samples), src.epoch_size
         part = Shuffled(src.samples, seed, epochs=1).repeat(math.ceil(used / n), reseed_each_epoch=False)[:used]
         parts.append(part.map(functools.partial(_tag_source, k)))
     if not parts:
         raise DataError("the mixture has no sources")
     return Shuffled(grain.MapDataset.concatenate(parts), seed)
-
-
-def _epoch_size(src: Source) -> int:
-    """How many of its samples a source gives per epoch: min(floor(ratio * n), num), which must be > 0."""
-    n = len(src.samples)
-    used = int(n * src.ratio)
-    if src.num is not None:
-        used = min(used, src.num)
-    if used <= 0:
-        raise DataError(f"source {src.name} yields 0 samples ({n} samples, ratio {src.ratio}, num {src.num})")
-    return used
 
 
 def _tag_source(k, sample):
@@ -503,7 +505,7 @@ def pack_iterator(sources: Sequence[Source], spec: PackSpec, corruption: Corrupt
     process's share of the elements (index % process_count) -> per-source packing."""
     mixed = mixture(sources, seed).random_map(functools.partial(_corrupt_pair, corruption), seed=seed)
     return PackIterator(mixed[process_index::process_count], spec, [s.task for s in sources],
-                        [s.name for s in sources], [_epoch_size(s) for s in sources])
+                        [s.name for s in sources], [s.epoch_size for s in sources])
 
 
 def next_packs(it: Iterator[dict], count: int) -> dict[str, np.ndarray]:
