@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from omnidiff_jax import cli, sampler
+from omnidiff_jax.commands.generate import requests_from_args
 from omnidiff_jax.pipeline import Pipeline, free_device_memory, step_bytes
 from omnidiff_jax.request import FIELDS, SAMPLER_OPTIONS, RequestError, check_request, iter_jsonl
 from omnidiff_jax.tasks import TaskPreset
@@ -181,6 +182,20 @@ def test_written_results_survive_a_crash(paths, tmp_path, monkeypatch):
     with Image.open(out / by_id["cat"]["image"]) as im:
         assert im.size == (256, 256)
     assert sorted(os.listdir(out)) == ["0000-cat.png", "manifest.jsonl"]  # no temporary file left behind
+
+
+def test_a_requests_own_fields_override_the_flags(tmp_path):
+    """With --requests the flags are every request's defaults and a request's own fields win (the more specific
+    setting); a flag still beats the task's preset."""
+    batch = tmp_path / "requests.jsonl"
+    lines = [{"task": "t2i", "text": "a cat", "steps": 3, "chat": True}, {"text": "hello"}]
+    batch.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    args = cli.build_parser().parse_args(["generate", "--config", "tiny", "--requests", str(batch), "--task", "tts",
+                                          "--steps", "7", "--raw"])
+    own, default = [check_request(r, i) for i, r in enumerate(requests_from_args(args))]
+    assert (own.task, own.preset.steps, own.preset.chat) == ("t2i", 3, True)
+    assert (default.task, default.preset.steps, default.preset.chat) == ("tts", 7, False)  # the tts preset has 25
+    assert default.preset.gen_length == 50  # no flag, no field: the preset's
 
 
 def test_manifest_lines_are_in_request_order_when_the_run_completes(paths, tmp_path):

@@ -9,8 +9,10 @@
 Every run goes through `omnidiff_jax.pipeline.Pipeline` with the task's preset (`omnidiff_jax.tasks`); any
 sampler flag given overrides it. A `--requests` JSONL file holds one request per line (`{"task": ..., "text":
 ..., "image": ..., "audio": ..., "id": ...}` plus optional overrides; see `omnidiff_jax.request`), tasks mixed
-freely; `--task` fills in lines without one. Each request is checked on its own, and one that fails is reported
-with its error while the others still run.
+freely. There the flags (`--task`, the sampler flags, `--raw`) are every request's defaults and a request's own
+fields override them: the more specific setting wins, so a line with `"steps": 64` runs 64 steps whatever
+`--steps` says, and the lines without `steps` run `--steps`. Each request is checked on its own, and one that
+fails is reported with its error while the others still run.
 
 Results are written as each request finishes (`omnidiff_jax.outputs`): images as PNG and speech as 22.05 kHz
 WAV into `--out`, and every result (text, codes, files, warnings, errors) as a line of `--out`/manifest.jsonl.
@@ -38,9 +40,9 @@ from omnidiff_jax.sampler import ALGS, MASK_SCHEDULES
 from omnidiff_jax.sharding import make_mesh
 from omnidiff_jax.tasks import TASKS
 
-OVERRIDES = ("gen_length", "steps", "alg", "temperature", "top_p", "top_k", "alg_temp", "block_size",
-             "repeat_penalty", "max_position_penalty", "cfg_scale", "cfg_compat", "boa_prefill", "prefix_cache",
-             "dual_cache", "threshold", "mask_schedule", "seed", "adaptive")  # flags that override request fields of the same name
+SAMPLER_FLAGS = ("gen_length", "steps", "alg", "temperature", "top_p", "top_k", "alg_temp", "block_size",
+                 "repeat_penalty", "max_position_penalty", "cfg_scale", "cfg_compat", "boa_prefill", "prefix_cache",
+                 "dual_cache", "threshold", "mask_schedule", "seed", "adaptive")  # request fields with a flag
 
 
 def register(group) -> None:
@@ -53,7 +55,8 @@ def register(group) -> None:
     p.add_argument("--text", help="text input (t2i prompt, vqa question, tts text, text prompt)")
     p.add_argument("--image", help="image input (vqa, svqa)")
     p.add_argument("--audio", help="speech input (asr, s2i, svqa)")
-    p.add_argument("--requests", help="JSONL batch file, one request per line (tasks may be mixed)")
+    p.add_argument("--requests", help="JSONL batch file, one request per line (tasks may be mixed); the flags are "
+                   "every request's defaults, a request's own fields override them")
     p.add_argument("--image-tokenizer", help="MAGVIT-v2 checkpoint (image inputs and outputs)")
     p.add_argument("--speech-decoder", help="GLM-4-Voice decoder folder (speech outputs to WAV)")
     p.add_argument("--out", default="outputs", help="output folder, except for plain text (default ./outputs)")
@@ -133,7 +136,9 @@ def run(args) -> int:
 
 def requests_from_args(args) -> list[dict]:
     """The run's requests: every line of --requests, the --prompt / --prompt-ids prompts, or one request of --task
-    from --text / --image / --audio; the sampler flags given override each request's preset."""
+    from --text / --image / --audio. The sampler flags given (and --raw) are every request's defaults, over the
+    task's preset, and a request's own fields override them (--task, likewise, fills in only the lines without
+    one)."""
     inputs = {k: getattr(args, k) for k in ("text", "image", "audio") if getattr(args, k) is not None}
     prompts = (args.prompt or []) + (args.prompt_ids or [])
     if args.requests and (prompts or inputs):
@@ -152,12 +157,12 @@ def requests_from_args(args) -> list[dict]:
         requests = [{"task": args.task, **inputs}]
     else:
         raise ValueError("nothing to generate: give --task with its inputs, --prompt / --prompt-ids, or --requests")
-    given = {field: getattr(args, field) for field in OVERRIDES if getattr(args, field) is not None}
+    given = {field: getattr(args, field) for field in SAMPLER_FLAGS if getattr(args, field) is not None}
     if given.get("top_k") == 0:
         given["top_k"] = None
     if args.raw:
         given["chat"] = False
-    return [{**given, **r} for r in requests]
+    return [{**given, **r} for r in requests]  # a request's own fields win
 
 
 def parse_mesh(text: str | None) -> Mesh | None:
