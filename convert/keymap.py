@@ -356,11 +356,14 @@ def _leaf_reader(source: Source, entry: _Entry, dtype: np.dtype, on_tensor) -> C
     """Returns read(index) -> np.ndarray for a tuple of slices over the target leaf."""
 
     def one(keys: tuple[str, ...], index: tuple) -> np.ndarray:
-        arrays = [source[k].read() for k in keys]
+        if len(keys) == 1:  # only the bytes of the slice are read
+            part = source[keys[0]].read_part(lambda tensor: entry.rule.transform.forward(tensor)[index])
+        else:
+            part = entry.rule.transform.forward(*(source[k].read() for k in keys))[index]
         if on_tensor is not None:
             for k in keys:
                 on_tensor(k, source[k].nbytes)
-        return np.asarray(entry.rule.transform.forward(*arrays)[index], dtype=dtype)
+        return np.asarray(part, dtype=dtype)
 
     def read(index: tuple) -> np.ndarray:
         if not entry.rule.stacked:

@@ -2,8 +2,9 @@
 
 A `Source` maps checkpoint key names to `TensorRef`s. Nothing is read until `TensorRef.read()` is called, and
 then only as a NumPy view on a memory map, so slicing a view touches only the pages that slice needs. This is
-what lets the converters stream a 16 GB checkpoint tensor by tensor, and lets a sharded load read only the
-slices its devices hold.
+what lets the converters stream a 16 GB checkpoint tensor by tensor. A sharded load reads only the slices its
+devices hold with `TensorRef.read_part`: ranged reads of just those bytes, not the memory map (whose page faults
+make the kernel read ahead megabytes around each touched page).
 
 The safetensors reader is our own (the format is an 8-byte header length, a JSON header and raw little-endian
 data) because the `safetensors` NumPy backend cannot represent bfloat16; we use `ml_dtypes.bfloat16` for it.
@@ -56,9 +57,51 @@ class TensorRef:
     def read(self) -> np.ndarray:
         return self._read()
 
+    def read_part(self, select: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """`select(tensor)` as an array of its own, where `select` returns a view of the tensor (a transpose, a
+        reshape, basic slicing: what a key map does). A tensor stored raw in a file (`offset` set) is read with
+        ranged reads of the bytes the view covers (`_read_view`), so a slice along the minor axis reads its
+        span of each row and no more; the memory map is never touched."""
+        whole = self.read()
+        part = select(whole)
+        if self.offset is None or not part.size or not np.may_share_memory(part, whole):
+            return np.asarray(part)
+        return _read_view(self.origin, self.offset + part.ctypes.data - whole.ctypes.data, part)
+
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def _read_view(path: str, start: int, view: np.ndarray) -> np.ndarray:
+    """A copy of `view`, a strided view of the bytes of `path` whose first element is at byte `start`, read with
+    one pread per run of contiguous bytes: a slice of a [rows, columns] tensor along its columns is one read per
+    row, of that row's span. Nothing between the runs is read, not even to save syscalls: merging the runs of a
+    tensor split on its minor axis would read all of it."""
+    axes = sorted((a for a in range(view.ndim) if view.shape[a] > 1), key=lambda a: -view.strides[a])
+    if any(view.strides[a] <= 0 for a in axes):
+        return np.array(view)  # not a key map's view
+    shape, strides = [view.shape[a] for a in axes], [view.strides[a] for a in axes]
+    run, inner = view.itemsize, len(axes)  # the innermost axes that are contiguous make one run of `run` bytes
+    while inner and strides[inner - 1] == run:
+        inner -= 1
+        run *= shape[inner]
+    offsets = np.array([start], np.int64)
+    for n, stride in zip(shape[:inner], strides[:inner]):
+        offsets = (offsets[:, None] + np.arange(n, dtype=np.int64) * stride).reshape(-1)
+    out = np.empty(shape, view.dtype)  # the view's axes in file order
+    flat = memoryview(out.reshape(-1).view(np.uint8))
+    with open(path, "rb", buffering=0) as f:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead beyond what is asked
+        for n, offset in enumerate(offsets.tolist()):
+            done = 0
+            while done < run:  # one read returns at most 2 GB
+                got = os.preadv(f.fileno(), [flat[n * run + done:(n + 1) * run]], offset + done)
+                if not got:
+                    raise CheckpointError(f"{path}: truncated at byte {offset + done}")
+                done += got
+    return out.transpose(np.argsort(axes)).reshape(view.shape)
 
 
 class Source(Mapping[str, TensorRef]):

@@ -77,6 +77,30 @@ def test_a_read_tensor_leaves_the_process_memory_once_dropped(tmp_path):
         assert _file_pages_mb() - before < 4  # ... and gone with the array
 
 
+@pytest.mark.parametrize("select", [lambda t: t, lambda t: t.T, lambda t: t.T[10:30], lambda t: t.T[:, 5:9],
+                                    lambda t: t[3:5, 7:90], lambda t: t.T.reshape(90, 4, 10)[:, 1:3],
+                                    lambda t: t[:, ::3], lambda t: t[1:2, 2:3]])
+def test_read_part_reads_the_bytes_of_a_view(tmp_path, select):
+    """`TensorRef.read_part` (ranged reads of what a key map's view of a tensor covers) gives the view's values,
+    reading exactly its bytes (rchar), a slice along the minor axis as that span of each row."""
+    arrays = {"f32": np.random.default_rng(0).standard_normal((40, 90)).astype(np.float32),
+              "bf16": np.random.default_rng(1).standard_normal((40, 90)).astype(ml_dtypes.bfloat16)}
+    write_safetensors(tmp_path / "v.safetensors", arrays)
+    source = safetensors_file(tmp_path / "v.safetensors")
+    for key, array in arrays.items():
+        want = np.asarray(select(array))
+        before = _rchar()
+        got = source[key].read_part(select)
+        read = _rchar() - before
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert np.ascontiguousarray(got).tobytes() == np.ascontiguousarray(want).tobytes()
+        assert want.nbytes <= read < want.nbytes + 1000, (key, read)  # (+ the read of /proc/self/io)
+
+
+def _rchar() -> int:
+    return int(dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())["rchar"])
+
+
 def _file_pages_mb() -> float:
     """File pages mapped by this process, in MB: RssFile, plus RssShmem for a temp folder on tmpfs."""
     fields = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
