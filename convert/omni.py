@@ -17,14 +17,13 @@ from typing import Iterable, Mapping
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from omnidiff_jax.convert.dream import dream_keymap
 from omnidiff_jax.convert.keymap import ConversionError, KeyMap, Plan, flatten, unflatten
 from omnidiff_jax.convert.sensevoice import speech_keymap, speech_target
 from omnidiff_jax.convert.sources import CheckpointError, Source, TensorRef
-from omnidiff_jax.models import abstract_params
-from omnidiff_jax.models.dream import Dream, DreamConfig
+from omnidiff_jax.model import abstract_dream
+from omnidiff_jax.models.dream import DreamConfig
 from omnidiff_jax.models.projector import ProjectorConfig
 from omnidiff_jax.models.sensevoice import SenseVoiceConfig
 from omnidiff_jax.vocab import TokenLayout
@@ -32,6 +31,9 @@ from omnidiff_jax.vocab import TokenLayout
 LLM_GROUP = "dream"  # `OmniModel.params`
 SPEECH_GROUP = "speech"  # `OmniModel.speech.params`: {"encoder": ..., "projector": ...}
 SPEECH_KEYS = r"model\.audio_(model|projection)\..*"
+# Axes an imported folder stores one index per chunk (`chunk_axes`): tensor parallelism splits attention by whole
+# heads, and heads are too few for orbax's chunking, which cuts a leaf's longest axes (vocab, embed, mlp), to cut.
+HEAD_AXES = ("q_heads", "kv_heads")
 LAYOUT = 2  # of our parameter tree in an imported folder; 2: the output head is `lm_head/embedding` [V, H]
 INDEX_FILE = "model.safetensors.index.json"
 # Files of a Hugging Face folder that travel with the weights: configs, tokenizer, remote code.
@@ -46,6 +48,8 @@ class ParamGroup:
     keymap: KeyMap
     target: dict[str, jax.ShapeDtypeStruct]  # flat abstract parameters
     claims: str = ".*"  # regex over source keys; each key goes to the first group that claims it
+    # flat {path: logical axis name of each dimension} (the LLM's leaves; a leaf without names is replicated)
+    axes: dict[str, tuple[str | None, ...]] = dataclasses.field(default_factory=dict)
 
 
 Speech = tuple[SenseVoiceConfig, ProjectorConfig]
@@ -57,16 +61,24 @@ def has_speech(keys: Iterable[str]) -> bool:
     return any(re.fullmatch(SPEECH_KEYS, k) for k in keys)
 
 
-def dream_target(cfg: DreamConfig) -> dict[str, jax.ShapeDtypeStruct]:
-    """Flat {path: ShapeDtypeStruct} of the LLM's parameters (no Flax boxes)."""
-    return flatten(nn.meta.unbox(abstract_params(Dream(cfg), jnp.zeros((1, 8), jnp.int32))))
+def dream_group(cfg: DreamConfig) -> ParamGroup:
+    """The LLM's parameter group: its shapes and logical axis names from one trace of `Dream(cfg)`."""
+    abstract = abstract_dream(cfg)
+    names = nn.get_partition_spec(abstract)
+    axes = {p: tuple(spec) for p, spec in flatten(names).items()}
+    return ParamGroup(LLM_GROUP, dream_keymap(cfg), flatten(nn.meta.unbox(abstract)), axes=axes)
 
 
 def param_groups(cfg: DreamConfig, speech: Speech | None = None) -> list[ParamGroup]:
     """The model's parameter groups, in claiming order: the speech input (if any), then the LLM."""
-    groups = [] if speech is None else [speech_group(speech)]
-    groups.append(ParamGroup(LLM_GROUP, dream_keymap(cfg), dream_target(cfg)))
-    return groups
+    return ([] if speech is None else [speech_group(speech)]) + [dream_group(cfg)]
+
+
+def chunk_axes(groups: list[ParamGroup]) -> dict[str, tuple[int, ...]]:
+    """{"group/path": dimensions} each leaf is stored one index per chunk along (`orbax_io.CheckpointWriter`):
+    its attention head axes."""
+    return {f"{g.name}/{p}": dims for g in groups for p, names in g.axes.items()
+            if (dims := tuple(i for i, name in enumerate(names) if name in HEAD_AXES))}
 
 
 def speech_group(speech: Speech) -> ParamGroup:
@@ -159,6 +171,6 @@ def stored_config(meta: dict, file: Path) -> tuple[DreamConfig, TokenLayout, Spe
         raise CheckpointError(f"{file}: bad model, vocab or speech entry ({e})") from None
 
 
-__all__ = ["LLM_GROUP", "SPEECH_GROUP", "SPEECH_KEYS", "LAYOUT", "INDEX_FILE", "ParamGroup", "Speech",
-           "has_speech", "dream_target", "param_groups", "speech_group", "speech_configs", "speech_dtype",
+__all__ = ["LLM_GROUP", "SPEECH_GROUP", "SPEECH_KEYS", "HEAD_AXES", "LAYOUT", "INDEX_FILE", "ParamGroup", "Speech",
+           "has_speech", "dream_group", "param_groups", "chunk_axes", "speech_group", "speech_configs", "speech_dtype",
            "split_source", "plan_groups", "split_groups", "hf_files", "folder_meta", "stored_config"]

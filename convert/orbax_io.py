@@ -9,11 +9,12 @@ A checkpoint folder holds
 
 `writing(dst)` builds the folder in a temporary sibling of `dst` and renames it into place only when everything
 is on disk, so an interrupted write (an exception, Ctrl-C, SIGTERM) never leaves a folder that looks like a
-checkpoint, and removes the staging folder; one left by a killed process is removed by the next write to `dst`. Parameters are added a
-few leaves at a time (orbax's partial saves, `orbax.checkpoint.experimental.v1.partial`), each written in the
-background while the caller builds the next, so a 16 GB model is written without ever being whole in memory.
-`restore` reads any subset of the leaves, each straight into its sharding (every process reads only the slices
-its devices hold), in the dtype asked for; `verify` reads every leaf back and checks it against its checksum. A
+checkpoint, and removes the staging folder; one left by a killed process is removed by the next write to `dst`.
+Parameters are added a few leaves at a time (orbax's partial saves, `orbax.checkpoint.experimental.v1.partial`),
+each written in the background while the caller builds the next, so a 16 GB model is written without ever being
+whole in memory, in chunks cut along the axes meshes split (`CheckpointWriter`). `restore` reads any subset of
+the leaves, each straight into its sharding (every process reads only the chunks its devices' slices overlap),
+in the dtype asked for; `verify` reads every leaf back and checks it against its checksum. A
 damaged folder (a file missing, truncated or corrupt) is a `CheckpointError` of one line naming the folder and
 what is wrong.
 """
@@ -55,13 +56,22 @@ VERSION = 1
 CHECKSUMS = "checksums"  # the omnidiff.json entry: {leaf path: "crc32:<8 hex digits>"}
 _RESTORE_BYTES = 256 << 20  # read per orbax call, bounding the host memory in transit
 PENDING_BYTES = 2 << 30  # parameters queued for writing, at most (plus the caller's next tree)
+CHUNK_BYTES = 32 << 20  # the largest stored chunk (one file each)
 
 
-def _context(partial_load: bool = False) -> ocp.Context:
+def _context(partial_load: bool = False, chunk_axes: Mapping[str, tuple[int, ...]] | None = None) -> ocp.Context:
+    """Our orbax settings. chunk_axes: {leaf path: axes} stored one index per chunk (see `CheckpointWriter`)."""
     ctx = ocp.Context()
     ctx.array.saving.use_compression = False  # weights barely compress; zstd would halve the throughput
-    # mid-size chunks write fast, and a sharded restore reads only the chunks its devices' slices overlap
-    ctx.array.saving.storage_options.chunk_byte_size = 32 << 20
+    # Mid-size chunks write fast, and a sharded restore reads only the chunks its devices' slices overlap. To fit
+    # a leaf in CHUNK_BYTES orbax cuts its longest axis (to its next smaller divisor, repeatedly); the axes in
+    # `chunk_axes` (its `shard_axes`) it cuts to one index per chunk first.
+    ctx.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
+    if chunk_axes:
+        def storage(keypath, value) -> ocp.options.ArrayOptions.Saving.StorageOptions | None:
+            axes = chunk_axes.get("/".join(str(k.key) for k in keypath))
+            return None if axes is None else ocp.options.ArrayOptions.Saving.StorageOptions(shard_axes=axes)
+        ctx.array.saving.scoped_storage_options_creator = storage
     # One file per chunk rather than OCDBT's shared data files: OCDBT holds every encoded chunk of a save in memory
     # until the save commits and only then writes, where plain zarr writes each chunk as soon as it is encoded. A
     # 2 GB save takes 1.0 s instead of 2.4 s, with half the peak memory (2 cores); a 16 GB model is ~500 files.
@@ -170,11 +180,16 @@ class CheckpointWriter:
     """A checkpoint folder under construction (see `writing`): add parameters and files, fill `meta`.
 
     Parameters are written by a background thread, one `add_params` tree at a time (orbax partial saves must not
-    overlap), while the caller builds the next; `make_room` keeps what is queued within `pending_bytes`.
+    overlap), while the caller builds the next; `make_room` keeps what is queued within `pending_bytes`. Each leaf
+    is stored in chunks of at most `CHUNK_BYTES`, one index per chunk along the axes `chunk_axes` gives for its
+    path ("group/a/b"): a restore reads whole chunks, so an axis that meshes split into few slices (attention
+    heads) is stored that way for each process to read only its own.
     """
 
-    def __init__(self, folder: Path, pending_bytes: int = PENDING_BYTES):
+    def __init__(self, folder: Path, pending_bytes: int = PENDING_BYTES,
+                 chunk_axes: Mapping[str, tuple[int, ...]] | None = None):
         self.folder = folder
+        self._chunk_axes = chunk_axes
         self.meta: dict = {}
         self._checksums: dict[str, str] = {}  # leaf path -> checksum of its bytes, as written
         self._budget = pending_bytes
@@ -222,7 +237,7 @@ class CheckpointWriter:
                 if tree is None:
                     return
                 if self._error is None:
-                    with _context():
+                    with _context(chunk_axes=self._chunk_axes):
                         ocp.partial.save(self.folder / PARAMS_DIR, tree)
                     self._checksums.update({path: checksum(leaf) for path, leaf in flatten(tree).items()})
                     tree = None  # the arrays (and the files memory-mapped under them) go before `written` runs
@@ -265,17 +280,18 @@ class CheckpointWriter:
 
 
 @contextlib.contextmanager
-def writing(dst: str | os.PathLike, force: bool = False,
-            pending_bytes: int = PENDING_BYTES) -> Iterator[CheckpointWriter]:
+def writing(dst: str | os.PathLike, force: bool = False, pending_bytes: int = PENDING_BYTES,
+            chunk_axes: Mapping[str, tuple[int, ...]] | None = None) -> Iterator[CheckpointWriter]:
     """Builds a checkpoint folder at `dst` (refused if it exists, unless `force`), atomically; at most
-    `pending_bytes` of parameters wait to be written when the caller uses `make_room`.
+    `pending_bytes` of parameters wait to be written when the caller uses `make_room`; `chunk_axes` as for
+    `CheckpointWriter`.
 
         with writing(dst) as ckpt:
             ckpt.add_params({"dream": {...}})
             ckpt.meta["model"] = {...}
     """
     with staging_folder(dst, force) as tmp:
-        writer = CheckpointWriter(tmp, pending_bytes)
+        writer = CheckpointWriter(tmp, pending_bytes, chunk_axes)
         try:
             yield writer
             writer._finish()

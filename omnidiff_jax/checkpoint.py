@@ -35,18 +35,19 @@ from typing import Callable, Iterator, Mapping
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from omnidiff_jax.convert import orbax_io
-from omnidiff_jax.convert.dream import check_field_types, dream_keymap, hf_config, read_hf_config
+from omnidiff_jax.convert.dream import check_field_types, hf_config, read_hf_config
 from omnidiff_jax.convert.keymap import IDENTITY, ConversionError, Plan, copy_into, flatten, unflatten
-from omnidiff_jax.convert.omni import (INDEX_FILE, LLM_GROUP, SPEECH_GROUP, ParamGroup, Speech, dream_target,
-                                       folder_meta, has_speech, hf_files, param_groups, plan_groups,
+from omnidiff_jax.convert.omni import (INDEX_FILE, LLM_GROUP, SPEECH_GROUP, ParamGroup, Speech, chunk_axes,
+                                       dream_group, folder_meta, has_speech, hf_files, param_groups, plan_groups,
                                        speech_configs, speech_dtype, speech_group, split_groups, split_source,
                                        stored_config)
 from omnidiff_jax.convert.sources import CheckpointError, Source, open_source, read_json, write_safetensors
-from omnidiff_jax.model import OmniModel, param_shardings
+from omnidiff_jax.model import OmniModel
 from omnidiff_jax.models.dream import DreamConfig
+from omnidiff_jax.sharding import logical_to_spec
 from omnidiff_jax.speech_in import SpeechInput
 from omnidiff_jax.vocab import TokenLayout
 
@@ -111,27 +112,24 @@ def _load_reference(path: Path, dtype: str | None, mesh: Mesh | None, overrides:
     cfg, speech = _with_dtype(cfg, speech, dtype, overrides)
     groups = param_groups(cfg, speech)
     plan_groups(source, groups)  # every key and shape problem of every group, in one error, before any read
-    shardings = _shardings(groups, cfg, mesh)
     params = {}
     for group, part in zip(groups, split_source(source, groups)):
         dtype_of = cfg.param_dtype if group.name == LLM_GROUP else speech[0].param_dtype
-        params[group.name] = group.keymap.load(part, group.target, dtype=dtype_of,
-                                               shardings={p: shardings[f"{group.name}/{p}"] for p in group.target})
-    tokenizer = str(path) if (path / "tokenizer_config.json").exists() else None
-    return OmniModel(cfg, layout, params[LLM_GROUP], mesh, tokenizer, _speech_input(speech, params))
+        params[group.name] = group.keymap.load(part, group.target, dtype=dtype_of, shardings=_shardings(group, mesh))
+    return OmniModel(cfg, layout, params[LLM_GROUP], mesh, _tokenizer(path), _speech_input(speech, params))
 
 
 def _load_orbax(path: Path, dtype: str | None, mesh: Mesh | None, overrides: dict) -> OmniModel:
     cfg, layout, speech = _stored_config(path)
     cfg, speech = _with_dtype(cfg, speech, dtype, overrides)
     groups = param_groups(cfg, speech)
-    shardings = _shardings(groups, cfg, mesh)
-    target = {f"{g.name}/{p}": jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=shardings[f"{g.name}/{p}"])
-              for g in groups for p, t in g.target.items()}
+    target = {}
+    for g in groups:
+        shardings = _shardings(g, mesh)
+        target.update({f"{g.name}/{p}": jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=shardings[p])
+                       for p, t in g.target.items()})
     params = split_groups(orbax_io.restore(path, target))
-    tokenizer = path / orbax_io.FILES_DIR
-    return OmniModel(cfg, layout, params[LLM_GROUP], mesh,
-                     str(tokenizer) if (tokenizer / "tokenizer_config.json").exists() else None,
+    return OmniModel(cfg, layout, params[LLM_GROUP], mesh, _tokenizer(path / orbax_io.FILES_DIR),
                      _speech_input(speech, params))
 
 
@@ -144,12 +142,18 @@ def _with_dtype(cfg: DreamConfig, speech: Speech | None, dtype: str | None,
     return cfg.replace(**overrides), speech
 
 
-def _shardings(groups: list[ParamGroup], cfg: DreamConfig, mesh: Mesh | None) -> dict[str, jax.sharding.Sharding]:
-    """{"group/path": sharding}: the LLM's by the logical rules on `mesh`, the rest replicated (or on the default
-    device without a mesh)."""
-    llm = flatten(param_shardings(cfg, mesh)) if mesh is not None else {}
-    place = NamedSharding(mesh, PartitionSpec()) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
-    return {f"{g.name}/{p}": (llm.get(p, place) if g.name == LLM_GROUP else place) for g in groups for p in g.target}
+def _shardings(group: ParamGroup, mesh: Mesh | None) -> dict[str, jax.sharding.Sharding]:
+    """{path: sharding} of a group's leaves: by the logical rules on `mesh` for the leaves with logical axis names
+    (the LLM's), the rest replicated; on the default device without a mesh."""
+    if mesh is None:
+        return dict.fromkeys(group.target, SingleDeviceSharding(jax.devices()[0]))
+    return {p: NamedSharding(mesh, logical_to_spec(group.axes.get(p, ()), t.shape, mesh))
+            for p, t in group.target.items()}
+
+
+def _tokenizer(folder: Path) -> str | None:
+    """The folder holding a checkpoint's tokenizer files, if it has them."""
+    return str(folder) if (folder / "tokenizer_config.json").exists() else None
 
 
 def _speech_input(speech: Speech | None, params: dict) -> SpeechInput | None:
@@ -198,9 +202,9 @@ def load_dream_params(path: str | os.PathLike, cfg: DreamConfig, mesh: Mesh | No
         raise CheckpointError(f"{config_path}: shape does not match the training config: {', '.join(wrong)}")
     if not isinstance(raw.get("vocab_size"), int):
         raise CheckpointError(f"{config_path}: vocab_size must be an integer, got {raw.get('vocab_size')!r}")
-    base = cfg.replace(vocab_size=raw["vocab_size"])
-    shardings = None if mesh is None else flatten(param_shardings(base, mesh))
-    return dream_keymap(base).load(open_source(path), dream_target(base), dtype=np.float32, shardings=shardings)
+    group = dream_group(cfg.replace(vocab_size=raw["vocab_size"]))
+    shardings = None if mesh is None else _shardings(group, mesh)
+    return group.keymap.load(open_source(path), group.target, dtype=np.float32, shardings=shardings)
 
 
 # --------------------------------------------------------------------------------------------------- verify
@@ -256,7 +260,7 @@ def import_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: str
     # others keep their order): the writer reads them from the source while the leaves that need work are built.
     leaves.sort(key=lambda leaf: -_nbytes(*leaf[3:]) if _is_view(source, leaf[2], leaf[4]) else 0)
     uses = collections.Counter(k for leaf in leaves for keys in leaf[2].keys.values() for k in keys)
-    with orbax_io.writing(dst, force) as ckpt:
+    with orbax_io.writing(dst, force, chunk_axes=chunk_axes([g for g, _ in plans])) as ckpt:
         batch, batch_keys, batch_views, batch_bytes = {}, [], [], 0
 
         def hand_over():  # progress counts a source tensor once its leaf is on disk

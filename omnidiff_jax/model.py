@@ -106,9 +106,14 @@ def _check_shape(x, shape, name):
     return arr
 
 
+def abstract_dream(cfg: DreamConfig) -> dict:
+    """Dream's parameters for `cfg` as ShapeDtypeStructs in Flax's logical-axis boxes, allocating nothing."""
+    return abstract_params(Dream(cfg), jnp.zeros((1, 8), jnp.int32))
+
+
 def param_shardings(cfg: DreamConfig, mesh: Mesh) -> dict:
     """NamedSharding per parameter (a plain nested dict) for `cfg` on `mesh`."""
-    return sharding.param_shardings(abstract_params(Dream(cfg), jnp.zeros((1, 8), jnp.int32)), mesh)
+    return sharding.param_shardings(abstract_dream(cfg), mesh)
 
 
 def init_model(config: str = "tiny", seed: int = 0, mesh: Mesh | None = None, **overrides) -> OmniModel:
@@ -122,4 +127,4 @@ def init_model(config: str = "tiny", seed: int = 0, mesh: Mesh | None = None, **
     return OmniModel(cfg, token_layout(cfg_dict), init(jax.random.key(seed)), mesh)
 
 
-__all__ = ["OmniModel", "init_model", "check_ids", "param_shardings"]
+__all__ = ["OmniModel", "init_model", "check_ids", "abstract_dream", "param_shardings"]

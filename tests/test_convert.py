@@ -324,17 +324,34 @@ def test_single_files_and_pickles_weights_only(ref, tmp_path):
     assert not marker.exists()
 
 
-def test_sharded_load_on_8_devices(f32):
+@pytest.mark.parametrize("form", [1, 0], ids=["orbax", "reference"])
+def test_sharded_load_on_8_devices(f32, form):
+    """Each device's slices, from the orbax folder (its chunks) or the reference folder (ranged reads of the
+    safetensors, rows split on their minor axis included), equal the unsharded load's."""
     single = flatten(load_model(f32[1]).params)
     mesh = make_mesh(data=1, fsdp=2, tensor=4)
-    model = load_model(f32[1], mesh=mesh)
+    model = load_model(f32[form], mesh=mesh)
     want = flatten(param_shardings(model.config, mesh))
     assert sum(not s.is_fully_replicated for s in want.values()) >= 10
     for path, leaf in flatten(model.params).items():
         assert leaf.sharding.is_equivalent_to(want[path], leaf.ndim), (path, leaf.sharding, want[path])
-        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(single[path]), err_msg=path)
+        for shard in leaf.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(single[path])[shard.index], err_msg=path)
     for leaf in jax.tree.leaves(model.speech.params):  # the small speech input is replicated on the mesh
         assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
+
+
+def test_import_stores_one_attention_head_per_chunk(f32):
+    """A process's heads are whole chunks of the orbax folder (a restore reads whole chunks); other leaves are
+    stored in chunks of at most 32 MB (here, one each)."""
+    stored = f32[1] / orbax_io.PARAMS_DIR / "state"
+    chunks = {d.name: json.loads((d / "zarr.json").read_text())["chunk_grid"]["configuration"]["chunk_shape"]
+              for d in stored.iterdir() if (d / "zarr.json").is_file()}
+    for name, shape in chunks.items():
+        whole = json.loads((stored / name / "zarr.json").read_text())["shape"]
+        heads = {"q_proj.kernel": 2, "k_proj.kernel": 2, "v_proj.kernel": 2, "o_proj.kernel": 1,
+                 "q_proj.bias": 1, "k_proj.bias": 1, "v_proj.bias": 1}.get(name.split("self_attn.")[-1])
+        assert shape == [1 if i == heads else n for i, n in enumerate(whole)], (name, shape, whole)
 
 
 def test_cli(f32, tmp_path, capsys):
