@@ -151,12 +151,11 @@ def test_generate_over_two_processes_matches_one(env, tmp_path):
 
 
 def test_each_process_reads_about_its_own_slices(env, tmp_path):
-    """`load_model(path, mesh=...)` with the tensor axis across 2 processes (1 device each): the bytes each process
-    reads (tests/multiprocess_load.py: /proc/self/io, orbax's reads counted as rchar, the memory-mapped
-    safetensors as read_bytes after dropping the folder from the page cache, one process at a time). The MLP
-    kernels (64 MB each) span two of orbax's 32 MB chunks, so each process reads about half of the orbax folder;
-    from safetensors it reads the row halves of gate/up but whole rows of down_proj (split on its minor axis),
-    plus the kernel's read-ahead around each fault."""
+    """`load_model(path, mesh=...)` with the tensor axis across 2 processes (1 device each): each process reads
+    (tests/multiprocess_load.py: rchar of /proc/self/io) little more than the half of each folder it holds. orbax:
+    the MLP kernels (64 MB each) are stored in two chunks, the attention weights one head per chunk; only the
+    small embeddings (1.5 MB, a single chunk each) are read whole. safetensors: each slice is read by byte ranges,
+    down_proj (split on its stored minor axis) as half of each row."""
     model = init_model("tiny", hidden_size=1024, intermediate_size=16384, num_layers=1)
     export_checkpoint(model, tmp_path / "hf")
     import_checkpoint(tmp_path / "hf", tmp_path / "orbax")
@@ -167,11 +166,9 @@ def test_each_process_reads_about_its_own_slices(env, tmp_path):
                              str(tmp_path), str(out), "1,1,2"], env=env["env"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     finish(proc)
-    reports = [json.loads(Path(f"{out}.{i}").read_text()) for i in range(2)]
-    for r in reports:
-        orbax, hf = r["orbax"], r["hf"]
-        assert orbax["held"] < 0.51 * orbax["folder"]
-        assert orbax["held"] <= orbax["read"] < 0.6 * orbax["folder"], orbax
-        if hf["read"] == 0:
-            pytest.skip("this filesystem keeps the files in memory (tmpfs?): storage reads cannot be counted")
-        assert hf["held"] <= hf["read"] < 0.9 * hf["folder"], hf
+    for i in range(2):
+        for kind, r in json.loads(Path(f"{out}.{i}").read_text()).items():
+            print(f"process {i} {kind}: read {r['read'] / 1e6:.1f} MB = {r['read'] / r['folder']:.1%} of the folder "
+                  f"({r['folder'] / 1e6:.1f} MB), holds {r['held'] / 1e6:.1f} MB")
+            assert r["held"] < 0.51 * r["folder"], r
+            assert r["held"] <= r["read"] < 0.55 * r["folder"], (kind, r)
