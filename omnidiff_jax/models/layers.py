@@ -1,4 +1,5 @@
-"""Layers shared by the networks: a linear layer that rounds the way PyTorch's `nn.Linear` does.
+"""Layers shared by the networks: a linear layer that rounds the way PyTorch's `nn.Linear` does, and a cast that
+stays a rounding in XLA's fused code.
 
 Flax's `nn.Dense` with a bf16 compute dtype rounds the matmul to bf16 and rounds again after adding the bias.
 PyTorch's bf16 `nn.Linear` accumulates in float32, adds the bias in float32 and rounds once, so about a third of
@@ -64,4 +65,17 @@ class Dense(nn.Module):
         return y.astype(self.dtype)
 
 
-__all__ = ["Dense"]
+def round_to(x: jax.Array, dtype) -> jax.Array:
+    """x cast to `dtype` and rounded there even inside an XLA fusion, as PyTorch rounds each op's output.
+
+    XLA's default compile may keep a bf16 result in float32 across fused ops (`xla_allow_excess_precision`): it
+    drops a cast to bf16 followed by a cast back, so the next op sees the unrounded value where PyTorch's sees the
+    bf16 tensor. For bfloat16, x is rounded in float32 by `lax.reduce_precision` first, which XLA keeps; any other
+    dtype is a plain cast (float32 is unaffected; float16's subnormals would be flushed by reduce_precision).
+    """
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        x = jax.lax.reduce_precision(x.astype(jnp.float32), exponent_bits=8, mantissa_bits=7)
+    return x.astype(dtype)
+
+
+__all__ = ["Dense", "round_to"]
