@@ -42,7 +42,7 @@ from omnidiff_jax.checkpoint import load_model
 from omnidiff_jax.image import ImageTokenizer, to_uint8
 from omnidiff_jax.model import OmniModel
 from omnidiff_jax.models.dream import DreamConfig
-from omnidiff_jax.request import Request, RequestError, check_request
+from omnidiff_jax.request import Request, RequestError, check_request, request_name
 from omnidiff_jax.sampler import Prompt
 from omnidiff_jax.speech_out import SpeechDecoder, decode_speech
 from omnidiff_jax.tasks import build_prompt, fit_image_codes, split_output, task_content
@@ -373,7 +373,7 @@ def _failed(request, index: int, error: Exception) -> dict:
     plain = lambda v: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)  # noqa: E731
     fixable, message = describe_error(error)
     if not isinstance(error, RequestError):
-        message = f"request {index} ({plain(task)}): {message}"
+        message = f"{request_name(index, plain(task))}: {message}"
     if not fixable:
         log.info("request %d failed", index, exc_info=error)
     return _result(plain(task), plain(request_id), error=message)

@@ -109,7 +109,12 @@ class Request:
     @property
     def name(self) -> str:
         """How messages name it: "request 3 (tts)"."""
-        return f"request {self.index} ({self.task})"
+        return request_name(self.index, self.task)
+
+
+def request_name(index: int, task) -> str:
+    """How messages name the request at position `index`: "request 3 (tts)"."""
+    return f"request {index} ({task})"
 
 
 def check_request(request, index: int) -> Request:
@@ -119,7 +124,7 @@ def check_request(request, index: int) -> Request:
     task = request.get("task")
     if task not in TASKS:
         raise RequestError(f"request {index}: unknown task {task!r}; expected one of {TASKS}")
-    where = f"request {index} ({task})"
+    where = request_name(index, task)
     unknown = sorted(set(request) - set(FIELDS) - {"task"})
     if unknown:
         raise RequestError(f"{where}: unknown field(s) {unknown}")
