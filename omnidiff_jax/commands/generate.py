@@ -35,7 +35,7 @@ from omnidiff_jax.checkpoint import load_model
 from omnidiff_jax.model import init_model
 from omnidiff_jax.outputs import ResultWriter
 from omnidiff_jax.pipeline import Pipeline
-from omnidiff_jax.request import iter_jsonl
+from omnidiff_jax.request import INPUT_FIELDS, iter_jsonl
 from omnidiff_jax.sampler import ALGS, MASK_SCHEDULES
 from omnidiff_jax.sharding import make_mesh
 from omnidiff_jax.tasks import TASKS
@@ -139,7 +139,7 @@ def requests_from_args(args) -> list[dict]:
     from --text / --image / --audio. The sampler flags given (and --raw) are every request's defaults, over the
     task's preset, and a request's own fields override them (--task, likewise, fills in only the lines without
     one)."""
-    inputs = {k: getattr(args, k) for k in ("text", "image", "audio") if getattr(args, k) is not None}
+    inputs = {k: getattr(args, k) for k in INPUT_FIELDS if getattr(args, k) is not None}
     prompts = (args.prompt or []) + (args.prompt_ids or [])
     if args.requests and (prompts or inputs):
         raise ValueError("--requests holds the requests: give no --prompt, --prompt-ids, --text, --image, --audio")
