@@ -343,7 +343,7 @@ def test_sharded_load_on_8_devices(f32, form):
 
 def test_import_stores_one_attention_head_per_chunk(f32):
     """A process's heads are whole chunks of the orbax folder (a restore reads whole chunks); other leaves are
-    stored in chunks of at most 32 MB (here, one each)."""
+    stored in chunks of at most `orbax_io.CHUNK_BYTES` (here, one each)."""
     stored = f32[1] / orbax_io.PARAMS_DIR / "state"
     chunks = {d.name: json.loads((d / "zarr.json").read_text())["chunk_grid"]["configuration"]["chunk_shape"]
               for d in stored.iterdir() if (d / "zarr.json").is_file()}

@@ -153,7 +153,7 @@ def test_generate_over_two_processes_matches_one(env, tmp_path):
 def test_each_process_reads_about_its_own_slices(env, tmp_path):
     """`load_model(path, mesh=...)` with the tensor axis across 2 processes (1 device each): each process reads
     (tests/multiprocess_load.py: rchar of /proc/self/io) little more than the half of each folder it holds. orbax:
-    the MLP kernels (64 MB each) are stored in two chunks, the attention weights one head per chunk; only the
+    the MLP kernels (64 MB each) are stored in 8 MB chunks, the attention weights one head per chunk; only the
     small embeddings (1.5 MB, a single chunk each) are read whole. safetensors: each slice is read by byte ranges,
     down_proj (split on its stored minor axis) as half of each row."""
     model = init_model("tiny", hidden_size=1024, intermediate_size=16384, num_layers=1)
