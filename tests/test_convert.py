@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from omnidiff_jax import checkpoint
 from omnidiff_jax.checkpoint import (export_checkpoint, import_checkpoint, load_model, load_speech,
                                      verify_checkpoint)
 from omnidiff_jax.cli import main
@@ -352,6 +353,22 @@ def test_import_stores_one_attention_head_per_chunk(f32):
         heads = {"q_proj.kernel": 2, "k_proj.kernel": 2, "v_proj.kernel": 2, "o_proj.kernel": 1,
                  "q_proj.bias": 1, "k_proj.bias": 1, "v_proj.bias": 1}.get(name.split("self_attn.")[-1])
         assert shape == [1 if i == heads else n for i, n in enumerate(whole)], (name, shape, whole)
+
+
+def test_folder_with_other_chunks_loads_on_a_mesh(f32, tmp_path, monkeypatch):
+    """A folder imported before the chunks followed the heads (each leaf one chunk) restores onto a mesh the same:
+    a restore reads the chunk shapes each array records."""
+    monkeypatch.setattr(orbax_io, "CHUNK_BYTES", 1 << 40)
+    monkeypatch.setattr(checkpoint, "chunk_axes", lambda groups: {})
+    import_checkpoint(f32[0], tmp_path / "old")
+    stored = tmp_path / "old" / orbax_io.PARAMS_DIR / "state" / "dream.layers.self_attn.q_proj.kernel" / "zarr.json"
+    meta = json.loads(stored.read_text())
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == meta["shape"]
+    mesh = make_mesh(data=1, fsdp=2, tensor=4)
+    new, old = (flatten(load_model(path, mesh=mesh).params) for path in (f32[1], tmp_path / "old"))
+    for path, leaf in new.items():
+        assert old[path].sharding == leaf.sharding, path
+        np.testing.assert_array_equal(np.asarray(old[path]), np.asarray(leaf), err_msg=path)
 
 
 def test_cli(f32, tmp_path, capsys):
