@@ -13,14 +13,14 @@ recomputes) over seconds x the device's dense bf16 peak (`trainer.PEAK_FLOPS`, o
     # remat menu:
     python scripts/bench_train.py --config omni_diffusion_7b --layers 4 --seq-len 3072 --packs 1 --bf16 \
         --remat none dots full --no-torch
-    # the loss's memory (XLA's compiled memory analysis of loss + gradient) with full logits and chunked:
-    python scripts/bench_train.py --memory --config small --seq-len 3072 8192 --packs 1 --remat none full
+    # the loss's memory (XLA's compiled memory analysis of loss + gradient, alone and in the whole micro-batch)
+    # with full logits and chunked:
+    python scripts/bench_train.py --memory --config small --seq-len 3072 8192 --packs 1 --remat full
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import tempfile
 
 import benchlib  # noqa: F401  (puts tests/ on the path)
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 from plan_memory import plan_fused_attention
-from test_loss import full_logits_loss
+from test_loss import full_logits_loss, full_logits_losses
 
 import omnidiff_jax
 from omnidiff_jax.config import dream_config, get_config, token_layout
@@ -80,34 +80,50 @@ def model_config(args, seq_len: int):
     return cfg
 
 
+def temporaries(fn, *args) -> float:
+    """GB of temporaries XLA's buffer assignment gives the compiled value and gradient of `fn` (arguments
+    abstract, nothing allocated; the gradient with respect to every argument but the last)."""
+    argnums = tuple(range(len(args) - 1))
+    compiled = jax.jit(jax.value_and_grad(fn, argnums=argnums)).lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / 1e9
+
+
 def loss_memory(args) -> list[dict]:
-    """XLA's memory analysis of the compiled micro-batch loss + gradient (abstract arrays, nothing allocated),
-    with full float32 logits (the removed path, kept in tests/test_loss.py) and with the chunked loss. Attention
-    is compiled as the accelerators' fused kernels hold it (`plan_memory.plan_fused_attention`): the CPU
-    backend's [L, L] scores would otherwise set the peak."""
+    """XLA's memory analysis of the loss with full float32 logits (the removed path, kept in tests/test_loss.py)
+    and chunked, twice: the loss alone (head + cross-entropy and their gradient from the final hidden states of
+    one micro-batch) and the whole micro-batch (embeddings, Dream, loss, gradient). Attention is compiled as the
+    accelerators' fused kernels hold it (`plan_memory.plan_fused_attention`): the CPU backend's [L, L] scores
+    would otherwise set the peak."""
     plan_fused_attention()
     rows = []
-    for seq_len, policy in itertools.product(args.seq_len, args.remat):
+    for seq_len in args.seq_len:
         cfg = model_config(args, seq_len)
-        cfg.model.remat_policy = policy
         module = Dream(dream_config(cfg))
         params = {"dream": nn.meta.unbox(abstract_params(module, jnp.zeros((1, 8), jnp.int32)))}
         pack = random_packs(token_layout(cfg), seq_len, args.packs)
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in pack.items() if k != "task"}
-        temp = {}
-        for name, fn in (("full_logits", lambda p, b: full_logits_loss(module, p, b, "reference")[0]),
-                         ("chunked", lambda p, b: loss.batch_loss(module, p, b)[0])):
-            compiled = jax.jit(jax.value_and_grad(fn)).lower(params, batch).compile()
-            temp[name] = compiled.memory_analysis().temp_size_in_bytes
-        vocab = cfg.model.vocab_size
-        rows.append({"config": args.config, "layers": cfg.model.num_layers, "compute": cfg.model.dtype,
-                     "remat": policy, "packs": args.packs, "seq_len": seq_len, "vocab": vocab,
-                     "logits_gb": args.packs * seq_len * vocab * 4 / 1e9,
-                     "full_logits_gb": temp["full_logits"] / 1e9, "chunked_gb": temp["chunked"] / 1e9,
-                     "saved_gb": (temp["full_logits"] - temp["chunked"]) / 1e9})
-    benchlib.report("Loss + gradient temporaries (XLA memory analysis; logits_gb = one float32 [tokens, vocab])",
-                    rows, ["config", "layers", "compute", "remat", "packs", "seq_len", "vocab", "logits_gb",
-                           "full_logits_gb", "chunked_gb", "saved_gb"], args.json)
+        dtype, head = cfg.model.dtype, params["dream"]["lm_head"]["embedding"]
+        hidden = jax.ShapeDtypeStruct((args.packs, seq_len, head.shape[1]), jnp.dtype(dtype))
+        alone = {"full": temporaries(lambda h, w, b: full_logits_losses(h, w.astype(dtype), b["labels"], None,
+                                                                        "reference").mean(), hidden, head, batch),
+                 "chunked": temporaries(lambda h, w, b: loss.pack_losses(h, w, b["labels"], dtype=dtype)[0].mean(),
+                                        hidden, head, batch)}
+        for policy in args.remat:
+            cfg.model.remat_policy = policy
+            module = Dream(dream_config(cfg))
+            step = {"full": temporaries(lambda p, b: full_logits_loss(module, p, b, "reference")[0], params, batch),
+                    "chunked": temporaries(lambda p, b: loss.batch_loss(module, p, b)[0], params, batch)}
+            rows.append({"config": args.config, "layers": cfg.model.num_layers, "compute": dtype, "remat": policy,
+                         "packs": args.packs, "seq_len": seq_len, "vocab": cfg.model.vocab_size,
+                         "logits_gb": args.packs * seq_len * cfg.model.vocab_size * 4 / 1e9,
+                         "loss_full_gb": alone["full"], "loss_chunked_gb": alone["chunked"],
+                         "step_full_gb": step["full"], "step_chunked_gb": step["chunked"],
+                         "step_saved_gb": step["full"] - step["chunked"]})
+    benchlib.report("Temporaries of loss + gradient (XLA memory analysis, GB; logits_gb = one float32 [tokens, "
+                    "vocab]): the loss alone from the final hidden states, and the whole micro-batch step", rows,
+                    ["config", "layers", "compute", "remat", "packs", "seq_len", "vocab", "logits_gb",
+                     "loss_full_gb", "loss_chunked_gb", "step_full_gb", "step_chunked_gb", "step_saved_gb"],
+                    args.json)
     return rows
 
 

@@ -14,10 +14,11 @@ would produce NaN).
 
 The logits are never materialised: only positions whose next token is labelled are scored, gathered to the
 front of a static slot array (capacity L - 1 rounded up to LOSS_CHUNK, so no label is ever dropped), and the
-head and cross-entropy run LOSS_CHUNK slots at a time under a custom VJP that keeps one log-normaliser per slot
-and recomputes a chunk's logits in the backward pass; chunks past a batch's last label are skipped. At 8192
-tokens this replaces a float32 [8192, 176264] array (5.8 GB, and as much again for its gradient) with
-[512, 176264] (0.36 GB) per pack.
+head and cross-entropy run in blocks of LOSS_CHUNK slots x VOCAB_CHUNK head rows under a custom VJP that keeps
+one log-normaliser per slot and recomputes a block's logits in the backward pass; slot chunks past a batch's
+last label are skipped. The backward pass goes row block by row block, so each block's head gradient is
+complete when written and no float32 head-sized accumulator exists. At 8192 tokens this replaces a float32
+[8192, 176264] array (5.8 GB, and as much again for its gradient) with [512, 8192] (17 MB) per pack.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from omnidiff_jax.sharding import constrain
 from omnidiff_jax.train.data import AUDIO_PREFIX, IGNORE
 
 OBJECTIVES = ("reference", "inverse_t")
-LOSS_CHUNK = 512  # label slots per pack scored at once: float32 logits exist for [B, 512, V] at most
+LOSS_CHUNK = 512  # label slots scored at once
+VOCAB_CHUNK = 8192  # head rows scored at once: float32 logits exist for [B, 512, 8192] at most
 
 
 def supervised_slots(labels: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
@@ -55,100 +57,137 @@ def supervised_slots(labels: jax.Array, chunk: int) -> tuple[jax.Array, jax.Arra
     return jnp.pad(order, ((0, 0), (0, pad))), jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def head_cross_entropy(hidden: jax.Array, table: jax.Array, targets: jax.Array, divisor: jax.Array,
-                       chunk: int) -> jax.Array:
+                       chunk: int, vocab_chunk: int) -> jax.Array:
     """Per pack [B]: sum over slots j with a target of CE(logits[:, j], targets[:, j]) / divisor[:, j], where
     logits = hidden @ table.T in the table's dtype, upcast to float32 (`Dream.logits` and the loss's upcast).
 
     hidden [B, C, H]; table [V, H] (the output head, in the compute dtype); targets [B, C] with IGNORE slots last;
-    divisor [B, C] > 0. Slots go `chunk` at a time, so float32 logits exist for [B, chunk, V] at most: the forward
-    pass keeps only each slot's log-normaliser and the backward pass recomputes a chunk's logits to form its
-    gradients (the head's accumulated in float32). A chunk holding no target is skipped in both passes."""
-    return _head_forward(hidden, table, targets, divisor, chunk)[0]
+    divisor [B, C] > 0. The logits exist one block at a time: float32 [B, chunk, vocab_chunk] for `chunk` slots
+    against `vocab_chunk` rows of the head, and only for the slot chunks up to the batch's last target. The
+    forward pass keeps each slot's log-normaliser (an online logsumexp over the row blocks); the backward pass
+    runs row block by row block, recomputes that block's logits for every occupied slot chunk, and writes the
+    block's head gradient (summed over slots in float32) straight into its rows: no head-sized accumulator."""
+    return _head_forward(hidden, table, targets, divisor, chunk, vocab_chunk)[0]
 
 
-def _chunks(x: jax.Array, chunk: int) -> jax.Array:
-    """[B, C, ...] -> [C / chunk, B, chunk, ...], the scan's leading axis."""
-    return x.reshape(x.shape[0], -1, chunk, *x.shape[2:]).swapaxes(0, 1)
+def _slots(x: jax.Array, k: jax.Array, chunk: int) -> jax.Array:
+    """Slot chunk k of x [B, C, ...]: [B, chunk, ...]."""
+    return jax.lax.dynamic_slice_in_dim(x, k * chunk, chunk, axis=1)
 
 
-def _chunk_logits(h: jax.Array, table: jax.Array) -> jax.Array:
-    """h [B, T, H] @ table.T in the table's dtype, upcast: float32 [B, T, V]."""
-    return jnp.dot(h.astype(table.dtype), table.T).astype(jnp.float32)
+def _occupied_chunks(targets: jax.Array, chunk: int) -> jax.Array:
+    """How many leading slot chunks hold a target in some pack (targets [B, C], IGNORE slots last)."""
+    return -(-jnp.max(jnp.sum(targets != IGNORE, axis=-1)) // chunk)
 
 
-def _head_forward(hidden, table, targets, divisor, chunk):
-    b = hidden.shape[0]
+def _head_rows(table: jax.Array, c: jax.Array, size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Row block c of the head: (rows [size, H], their token ids [size], fresh [size]). The last block is moved
+    back to end at V (no padded copy of the head), so its first rows may repeat the previous block's: `fresh`
+    marks the rows no earlier block covered."""
+    start = jnp.minimum(c * size, table.shape[0] - size)
+    ids = start + jnp.arange(size)
+    return jax.lax.dynamic_slice_in_dim(table, start, size), ids, ids >= c * size
 
-    def score(h, t, d):
-        logits = _chunk_logits(h, table)
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.sum(jnp.where(jnp.arange(logits.shape[-1]) == t[..., None], logits, 0.0), axis=-1)
-        return jnp.sum(jnp.where(t != IGNORE, (logz - picked) / d, 0.0), axis=-1), logz
 
-    def skip(h, t, d):
-        return jnp.zeros(b, jnp.float32), jnp.zeros(t.shape, jnp.float32)
+def _block_logits(h: jax.Array, rows: jax.Array) -> jax.Array:
+    """h [B, T, H] @ rows.T in the head's dtype, upcast: float32 [B, T, size]."""
+    return jnp.dot(h.astype(rows.dtype), rows.T).astype(jnp.float32)
 
-    def body(total, xs):
-        part, logz = jax.lax.cond(jnp.any(xs[1] != IGNORE), score, skip, *xs)
-        return total + part, logz
 
-    xs = (_chunks(hidden, chunk), _chunks(targets, chunk), _chunks(divisor, chunk))
-    total, logz = jax.lax.scan(body, jnp.zeros(b, jnp.float32), xs)
+def _row_blocks(table: jax.Array, vocab_chunk: int) -> tuple[int, int]:
+    """(rows per block, number of blocks) covering the head's V rows."""
+    size = min(vocab_chunk, table.shape[0])
+    return size, -(-table.shape[0] // size)
+
+
+def _head_forward(hidden, table, targets, divisor, chunk, vocab_chunk):
+    b, n = targets.shape
+    size, blocks = _row_blocks(table, vocab_chunk)
+
+    def slot_chunk(k, carry):
+        total, logz = carry
+        h, t = _slots(hidden, k, chunk), _slots(targets, k, chunk)
+
+        def row_block(c, acc):  # online logsumexp over the row blocks, and the target's logit
+            top, mass, picked = acc
+            rows, ids, fresh = _head_rows(table, c, size)
+            logits = jnp.where(fresh, _block_logits(h, rows), -jnp.inf)  # [B, T, size]
+            new_top = jnp.maximum(top, logits.max(-1))
+            mass = mass * jnp.exp(top - new_top) + jnp.exp(logits - new_top[..., None]).sum(-1)
+            hit = (ids == t[..., None]) & fresh
+            return new_top, mass, picked + jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+
+        init = (jnp.full(t.shape, -jnp.inf), jnp.zeros(t.shape), jnp.zeros(t.shape))
+        top, mass, picked = jax.lax.fori_loop(0, blocks, row_block, init)
+        z = top + jnp.log(mass)  # [B, T]
+        ce = jnp.where(t != IGNORE, (z - picked) / _slots(divisor, k, chunk), 0.0)
+        return total + ce.sum(-1), jax.lax.dynamic_update_slice_in_dim(logz, z, k * chunk, axis=1)
+
+    init = (jnp.zeros(b, jnp.float32), jnp.zeros((b, n), jnp.float32))
+    total, logz = jax.lax.fori_loop(0, _occupied_chunks(targets, chunk), slot_chunk, init)
     return total, (hidden, table, targets, divisor, logz)
 
 
-def _head_backward(chunk, saved, grad):
+def _head_backward(chunk, vocab_chunk, saved, grad):
     hidden, table, targets, divisor, logz = saved
+    size, blocks = _row_blocks(table, vocab_chunk)
+    scale = jnp.where(targets != IGNORE, grad[:, None] / divisor, 0.0)  # [B, C]
+    occupied = _occupied_chunks(targets, chunk)
 
-    def backward(d_table, h, t, d, z):
-        logits = _chunk_logits(h, table)
-        onehot = jnp.arange(logits.shape[-1]) == t[..., None]
-        scale = jnp.where(t != IGNORE, grad[:, None] / d, 0.0)  # [B, T]
-        g = ((jnp.exp(logits - z[..., None]) - onehot) * scale[..., None]).astype(table.dtype)  # [B, T, V]
-        d_table = d_table + jnp.einsum("btv,bth->vh", g, h.astype(table.dtype), preferred_element_type=jnp.float32)
-        return d_table, jnp.dot(g, table)  # d_h [B, T, H]
+    def row_block(c, carry):
+        d_table, d_hidden = carry
+        rows, ids, fresh = _head_rows(table, c, size)
+        fresh_rows = jnp.where(fresh[:, None], rows, 0)  # a repeated row's share of d_hidden is already in
 
-    def skip(d_table, h, t, d, z):
-        return d_table, jnp.zeros(h.shape, table.dtype)
+        def slot_chunk(k, acc):
+            d_rows, d_hidden = acc
+            h, t, z = _slots(hidden, k, chunk), _slots(targets, k, chunk), _slots(logz, k, chunk)
+            probs = jnp.exp(_block_logits(h, rows) - z[..., None])  # [B, T, size]
+            g = ((probs - (ids == t[..., None])) * _slots(scale, k, chunk)[..., None]).astype(table.dtype)
+            d_rows = d_rows + jnp.einsum("btv,bth->vh", g, h.astype(table.dtype), preferred_element_type=jnp.float32)
+            d_h = _slots(d_hidden, k, chunk) + jnp.einsum("btv,vh->bth", g, fresh_rows,
+                                                          preferred_element_type=jnp.float32)
+            return d_rows, jax.lax.dynamic_update_slice_in_dim(d_hidden, d_h, k * chunk, axis=1)
 
-    def body(d_table, xs):
-        return jax.lax.cond(jnp.any(xs[1] != IGNORE), backward, skip, d_table, *xs)
+        d_rows, d_hidden = jax.lax.fori_loop(0, occupied, slot_chunk,
+                                             (jnp.zeros(rows.shape, jnp.float32), d_hidden))
+        d_table = jax.lax.dynamic_update_slice_in_dim(d_table, d_rows.astype(table.dtype), ids[0], axis=0)
+        return d_table, d_hidden
 
-    xs = (_chunks(hidden, chunk), _chunks(targets, chunk), _chunks(divisor, chunk), logz)
-    d_table, d_hidden = jax.lax.scan(body, jnp.zeros(table.shape, jnp.float32), xs)
-    d_hidden = d_hidden.swapaxes(0, 1).reshape(hidden.shape)
-    return d_hidden.astype(hidden.dtype), d_table.astype(table.dtype), None, None
+    init = (jnp.zeros(table.shape, table.dtype), jnp.zeros(hidden.shape, jnp.float32))
+    d_table, d_hidden = jax.lax.fori_loop(0, blocks, row_block, init)
+    return d_hidden.astype(hidden.dtype), d_table, None, None
 
 
 head_cross_entropy.defvjp(_head_forward, _head_backward)
 
 
 def sharded_head_cross_entropy(hidden: jax.Array, table: jax.Array, targets: jax.Array, divisor: jax.Array,
-                               chunk: int) -> jax.Array:
+                               chunk: int, vocab_chunk: int) -> jax.Array:
     """`head_cross_entropy` with the packs split as activations are (`activation_batch`) when a mesh is active:
-    each device scores its own packs against the whole head (gathered once, in the compute dtype), skips its own
-    empty chunks, and sums its head gradient locally; one all-reduce of that gradient per micro-batch (the
-    transpose of the gather) replaces a reduction per chunk."""
+    each device scores its own packs against the whole head (gathered once, in the compute dtype, as FSDP gathers
+    every layer's weights), skips its own empty slot chunks, and forms its head gradient locally; one all-reduce
+    of that gradient per micro-batch (the transpose of the gather) replaces a reduction per block."""
     current = sharding.active()
     if current is None:
-        return head_cross_entropy(hidden, table, targets, divisor, chunk)
+        return head_cross_entropy(hidden, table, targets, divisor, chunk, vocab_chunk)
     mesh, rules = current
     rows = sharding.logical_to_spec(("activation_batch",), hidden.shape[:1], mesh, rules)
     rows3 = PartitionSpec(*rows, None, None)
     rows2 = PartitionSpec(*rows, None)
-    return jax.shard_map(lambda h, w, t, d: head_cross_entropy(h, w, t, d, chunk), mesh=mesh,
+    return jax.shard_map(lambda h, w, t, d: head_cross_entropy(h, w, t, d, chunk, vocab_chunk), mesh=mesh,
                          in_specs=(rows3, PartitionSpec(), rows2, rows2), out_specs=rows,
                          check_vma=False)(hidden, table, targets, divisor)
 
 
 def pack_losses(hidden: jax.Array, table: jax.Array, labels: jax.Array, mask_prob: jax.Array | None = None,
                 objective: str = "reference", dtype: str = "float32",
-                chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
+                chunk: int = LOSS_CHUNK, vocab_chunk: int = VOCAB_CHUNK) -> tuple[jax.Array, jax.Array]:
     """(loss per pack [B], labelled-token count per pack [B]) from the final hidden states [B, L, H], the output
     head `table` [V, H] (logits = hidden @ table.T in `dtype`) and labels [B, L]; only the labelled positions
-    are scored, `chunk` of them at a time (`head_cross_entropy`)."""
+    are scored, `chunk` of them against `vocab_chunk` rows of the head at a time (`head_cross_entropy`)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"loss objective must be one of {OBJECTIVES}, got {objective!r}")
     order, targets = supervised_slots(labels, chunk)
@@ -162,7 +201,7 @@ def pack_losses(hidden: jax.Array, table: jax.Array, labels: jax.Array, mask_pro
         denominator = (mask_prob[:, 1:] > 0).sum(-1)
     slots = jnp.take_along_axis(hidden, order[..., None], axis=1)  # [B, C, H]
     table = constrain(table.astype(dtype), ("vocab", "embed"))  # cast on the shards, before the gather
-    total = sharded_head_cross_entropy(slots, table, targets, divisor, chunk)
+    total = sharded_head_cross_entropy(slots, table, targets, divisor, chunk, vocab_chunk)
     return total / jnp.maximum(denominator, 1.0), count
 
 
