@@ -11,8 +11,8 @@ Follows Omni-Diffusion's Dream, `omni_diffusion/models/dream/modeling_dream.py`:
 Faithful details: q/k/v projections have biases, o_proj does not; RoPE is rotate-half with cos/sin computed in
 fp32 and cast to the compute dtype; RMSNorm normalises in fp32, casts back to the input dtype, *then* multiplies
 by the weight; attention is bidirectional (no causal mask anywhere). In bf16 every op's output is rounded where
-PyTorch's is, including the one XLA's default compile would keep in float32 (`round_to`). Logits are unshifted: the reference
-convention is that the output at position i-1 predicts the token at i (the sampler and loss shift).
+PyTorch's is, including the one XLA's default compile would keep in float32 (`round_to`). Logits are unshifted:
+the reference convention is that the output at position i-1 predicts the token at i (the sampler and loss shift).
 
 The output head is a [vocab, hidden] table used like a tied embedding (`nn.Embed.attend`) rather than a
 [hidden, vocab] `Dense` kernel: the released checkpoint stores it that way, so importing, exporting and loading
@@ -130,10 +130,12 @@ class Attention(nn.Module):
     config: DreamConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, query_valid, cache=None):
+    def __call__(self, x, cos, sin, segment_ids, query_valid, cache=None, queries=None):
         """x [B, W, H] -> [B, W, H]. cache: None (keys are x's own positions), or this layer's (k, v, key segment ids,
         start) over a whole canvas (k, v [B, L, Hkv, D]; key segment ids [B, L]; start [B]): x's keys and values
-        are written at columns [start, start + W) and x's queries attend to all L keys. Returns (out, (k, v))."""
+        are written at columns [start, start + W) and x's queries attend to all L keys. queries: None, or the
+        columns [B, Wq] of x whose outputs are wanted: only their queries attend (to the keys of every column) and
+        the output is [B, Wq, H]. Returns (out, (k, v))."""
         cfg = self.config
         dense = lambda features, axis, names, bias, name: Dense(  # noqa: E731  PyTorch's bf16 rounding
             features, axis=axis, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
@@ -143,17 +145,27 @@ class Attention(nn.Module):
         v = dense((cfg.num_kv_heads, cfg.head_dim), -1, ("embed", "kv_heads", "head_dim"), True, "v_proj")(x)
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q_segments = segment_ids
+        if queries is not None:
+            q, q_segments, query_valid = (take_columns(a, queries) for a in (q, segment_ids, query_valid))
         key_segment_ids = segment_ids
         if cache is not None:
             past_k, past_v, key_segment_ids, start = cache
             k, v = (constrain(_write_window(past, new, start),
                               ("activation_batch", "activation_length", "activation_heads", None))
                     for past, new in ((past_k, k), (past_v, v)))
-        out = dot_product_attention(q, k, v, segment_ids=segment_ids, key_segment_ids=key_segment_ids,
+        out = dot_product_attention(q, k, v, segment_ids=q_segments, key_segment_ids=key_segment_ids,
                                     query_valid=query_valid, implementation=cfg.attention_impl)  # [B, W, Hq, D]
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
         out = dense(cfg.hidden_size, (-2, -1), ("q_heads", "head_dim", "embed"), False, "o_proj")(out)
         return out, (None if cache is None else (k, v))
+
+
+def take_columns(x: jax.Array | None, columns: jax.Array) -> jax.Array | None:
+    """x [B, L, ...] at the columns [B, W] of each row: [B, W, ...] (None stays None)."""
+    if x is None:
+        return None
+    return jnp.take_along_axis(x, columns.reshape(columns.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 def _write_window(past: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
@@ -182,13 +194,15 @@ class DecoderLayer(nn.Module):
     config: DreamConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, query_valid, kv, key_segment_ids, start):
-        """One pre-norm layer; kv: this layer's cached (k, v) or None (see `Attention`). Returns (x, new kv)."""
+    def __call__(self, x, cos, sin, segment_ids, query_valid, kv, key_segment_ids, start, queries=None):
+        """One pre-norm layer; kv: this layer's cached (k, v) or None (see `Attention`); queries: the columns [B, Wq]
+        whose outputs are wanted (None: all). Returns (x, new kv)."""
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
         cache = None if kv is None else (*kv, key_segment_ids, start)
         attended, kv = Attention(cfg, name="self_attn")(norm("input_layernorm")(x), cos, sin, segment_ids,
-                                                         query_valid, cache)
+                                                         query_valid, cache, queries)
+        x = x if queries is None else take_columns(x, queries)
         # h feeds the next norm (which reads it in float32) and the second residual add: by default XLA would give
         # them the unrounded float32 sum where PyTorch has a bf16 tensor (top-1 against the reference's bf16 logits
         # 98.7 % instead of 99.8 %). `out` needs no such care: it is the layer scan's carry, stored in bf16.
@@ -277,11 +291,16 @@ class Dream(nn.Module):
 
 class DecodeFunctions(NamedTuple):
     """Dream as a decode loop calls it: MaskGIT's `tokens_to_logits`, split where a diffusion sampler needs it
-    (the final hidden states of a window of the canvas, then the vocabulary head on only the columns it reads)."""
+    (the final hidden states of a window of the canvas, then the vocabulary head on only the columns it reads; or,
+    without a cache, every layer but the last over the canvas, then the last one on only the columns it reads)."""
 
     embed: Callable[[Any, jax.Array], jax.Array]  # (params, ids [B, L]) -> embeddings [B, L, H]
     hidden: Callable[..., Any]  # (params, embeds [B, W, H], positions [B, W], segment_ids [B, W], cache, start [B])
     #                             -> final hidden [B, W, H], or (hidden, updated cache) when a KVCache is given
+    trunk: Callable[..., jax.Array]  # (params, embeds [B, L, H], positions [B, L], segment_ids [B, L])
+    #                                  -> the hidden states entering the last layer [B, L, H]
+    last_layer: Callable[..., jax.Array]  # (params, trunk's output [B, L, H], positions, segment_ids, columns [B, W])
+    #                                       -> final hidden [B, W, H] of those columns
     logits: Callable[[Any, jax.Array], jax.Array]  # (params, hidden [B, W, H]) -> logits [B, W, V]
     empty_cache: Callable[[jax.Array], KVCache]  # (segment ids of the canvas [B, L]) -> zero cache
 
@@ -290,13 +309,32 @@ class DecodeFunctions(NamedTuple):
 def decode_functions(config: DreamConfig) -> DecodeFunctions:
     """The `DecodeFunctions` of a Dream with this config (one object per config, so jit caches keyed on it hit)."""
     module = Dream(config)
+    layer = DecoderLayer(config)
+    norm = RMSNorm(config.rms_norm_eps, config.dtype, config.param_dtype)
 
     def hidden(params, embeds, positions, segment_ids, cache=None, start=None):
         return module.apply({"params": params}, inputs_embeds=embeds, positions=positions, segment_ids=segment_ids,
                             return_hidden=True, cache=cache, cache_start=start)
 
+    def run_layer(params, i, x, positions, segment_ids, queries=None):
+        """Layer i (the scan's parameters at index i) on x; Dream's pass, one layer at a time."""
+        cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta, config.dtype)
+        layer_params = jax.tree.map(lambda p: p[i], params["layers"])
+        return layer.apply({"params": layer_params}, x, cos, sin, segment_ids, None, None, None, None, queries)[0]
+
+    def trunk(params, embeds, positions, segment_ids):
+        x = constrain(embeds.astype(config.dtype), ("activation_batch", "activation_length", "activation_embed"))
+        step = lambda x, i: (run_layer(params, i, x, positions, segment_ids), None)  # noqa: E731
+        return jax.lax.scan(step, x, jnp.arange(config.num_layers - 1))[0]
+
+    def last_layer(params, x, positions, segment_ids, columns):
+        x = run_layer(params, config.num_layers - 1, x, positions, segment_ids, columns)
+        return norm.apply({"params": params["norm"]}, x)
+
     return DecodeFunctions(
         embed=lambda params, ids: module.apply({"params": params}, ids, method=Dream.embed),
         hidden=hidden,
+        trunk=trunk,
+        last_layer=last_layer,
         logits=lambda params, h: module.apply({"params": params}, h, method=Dream.logits),
         empty_cache=lambda segment_ids: KVCache.empty(config, segment_ids))

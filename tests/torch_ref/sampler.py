@@ -63,8 +63,11 @@ def sample_tokens(logits, temperature, top_p, top_k, margin=False, neg_entropy=F
 @torch.no_grad()
 def reference_sample(model, prompt_embeds, *, gen_length, steps, alg="entropy", temperature=0.0, top_p=0.9,
                      top_k=50, alg_temp=0.0, block_size=-1, cfg=0.0, uncond_ids=None, repeat_penalty=1.0,
-                     max_position_penalty=1.0, add_boa=False, mask_id, boa_id, eps=1e-3, seed=0):
-    """Runs `_sample` on prompt embeddings [B, P, H]. Returns (x [B, P+N], histories: list of x after each step)."""
+                     max_position_penalty=1.0, add_boa=False, mask_id, boa_id, eps=1e-3, seed=0, cut_ties=None):
+    """Runs `_sample` on prompt embeddings [B, P, H]. Returns (x [B, P+N], histories: list of x after each step).
+
+    cut_ties: a list to which every step of a confidence alg (alg_temp 0) appends whether its top-k cut falls in a
+    tie (the k-th and (k+1)-th largest confidences equal), where `torch.topk`'s choice is unspecified."""
     gen = torch.Generator().manual_seed(seed)
     embed = model.model.embed_tokens
     b, p = prompt_embeds.shape[:2]
@@ -125,6 +128,9 @@ def reference_sample(model, prompt_embeds, *, gen_length, steps, alg="entropy", 
                 k = max(k, 1)
                 if alg_temp is None or alg_temp == 0:
                     chosen = torch.topk(confidence, k).indices
+                    if cut_ties is not None:
+                        ranked = torch.sort(confidence, descending=True).values
+                        cut_ties.append(k < len(ranked) and bool(ranked[k - 1] == ranked[k]))
                 else:
                     weights = F.softmax(confidence / alg_temp, dim=-1)
                     chosen = torch.multinomial(weights.float(), k, replacement=False, generator=gen)
