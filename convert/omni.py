@@ -32,7 +32,7 @@ LLM_GROUP = "dream"  # `OmniModel.params`
 SPEECH_GROUP = "speech"  # `OmniModel.speech.params`: {"encoder": ..., "projector": ...}
 SPEECH_KEYS = r"model\.audio_(model|projection)\..*"
 # Axes an imported folder stores one index per chunk (`chunk_axes`): tensor parallelism splits attention by whole
-# heads, and heads are too few for orbax's chunking, which cuts a leaf's longest axes (vocab, embed, mlp), to cut.
+# heads, and orbax's chunking, which cuts a leaf's longest axes (vocab, embed, mlp), would never reach the few heads.
 HEAD_AXES = ("q_heads", "kv_heads")
 LAYOUT = 2  # of our parameter tree in an imported folder; 2: the output head is `lm_head/embedding` [V, H]
 INDEX_FILE = "model.safetensors.index.json"
@@ -64,8 +64,7 @@ def has_speech(keys: Iterable[str]) -> bool:
 def dream_group(cfg: DreamConfig) -> ParamGroup:
     """The LLM's parameter group: its shapes and logical axis names from one trace of `Dream(cfg)`."""
     abstract = abstract_dream(cfg)
-    names = nn.get_partition_spec(abstract)
-    axes = {p: tuple(spec) for p, spec in flatten(names).items()}
+    axes = {p: tuple(spec) for p, spec in flatten(nn.get_partition_spec(abstract)).items()}
     return ParamGroup(LLM_GROUP, dream_keymap(cfg), flatten(nn.meta.unbox(abstract)), axes=axes)
 
 
