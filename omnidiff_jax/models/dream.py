@@ -205,9 +205,10 @@ class DecoderLayer(nn.Module):
         x = x if queries is None else take_columns(x, queries)
         # h feeds the next norm (which reads it in float32) and the second residual add: by default XLA would give
         # them the unrounded float32 sum where PyTorch has a bf16 tensor (top-1 against the reference's bf16 logits
-        # 98.7 % instead of 99.8 %). `out` needs no such care: it is the layer scan's carry, stored in bf16.
+        # 98.7 % instead of 99.8 %). Likewise `out` where the next norm reads it directly (the last layer run alone,
+        # `decode_functions`); in the layer scan it is the carry, which XLA stores in bf16.
         h = round_to(x + attended, x.dtype)
-        out = h + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(h))
+        out = round_to(h + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(h)), x.dtype)
         return constrain(out, ("activation_batch", "activation_length", "activation_embed")), kv
 
 
