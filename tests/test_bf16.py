@@ -229,7 +229,7 @@ def test_dream_bf16_logits_top1_agree_with_the_reference(dream, dream_logits):
     >= 99.5 % of positions (99.8 % here, ~94 % of the logits bit-identical; what remains is accumulation order).
 
     The default compile may keep a bf16 result in float32 inside a fusion (`xla_allow_excess_precision`), which
-    PyTorch always rounds: without `round_to` on the first residual sum, 98.7 % top-1 and ~20 % bit-identical. So
+    PyTorch always rounds: without `round_to` on the residual sums, 98.7 % top-1 and ~20 % bit-identical. So
     the default compile must give exactly what the compile without excess precision gives."""
     _, _, jm = dream
     ids, bf16, _ = dream_logits
