@@ -1,24 +1,26 @@
 """Plans a training run's device memory before launch: compiles the real train step (forward, backward, gradient
 accumulation, clip, AdamW) of a config on abstract arrays over `--devices` fake CPU devices and prints what XLA's
 buffer assignment gives each device: parameters, optimizer state, batch (+ frozen speech encoder), activations and
-temporaries (the fp32 gradient accumulators included), total, and whether it fits a device of `--device-gb`.
+temporaries (the fp32 gradient accumulators included), total, and whether it fits a device of `--device-gb`
+(several sizes: a column each).
 
     python scripts/plan_memory.py --config configs/stage3.py --devices 8 --seq-len 8192 --micro-batch 8 \\
         --remat full --device-gb 80
-    python scripts/plan_memory.py --config configs/stage3.py --devices 8 --seq-len 8192 --device-gb 80 --search
+    python scripts/plan_memory.py --config configs/stage3.py --devices 8 --seq-len 8192 --device-gb 80 141 --search
 
 Nothing is allocated (jax.ShapeDtypeStruct only), so the 7B configs plan on a laptop in minutes. Attention is
 planned as the accelerators run it (cuDNN flash attention on GPU, splash on TPU: O(L) residuals per head), by a
 blockwise stand-in with the same memory profile in place of the CPU backend, whose [L, L] score matrices no
 accelerator holds. The numbers are those of XLA's CPU compiler; an accelerator's fusion and scheduling differ by
-a few percent, which is what the headroom is for. `--search` lists, per remat policy, the largest micro-batch
-(a multiple of data x fsdp) that fits with `--headroom` to spare.
+a few percent, which is what the headroom is for. `--search` lists, per remat policy and device size, the largest
+micro-batch (a multiple of data x fsdp) that fits with `--headroom` to spare.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -36,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--micro-batch", type=int, default=0, help="packs per micro-batch (default: the config's)")
     ap.add_argument("--seq-len", type=int, default=0, help="tokens per pack (default: the config's)")
     ap.add_argument("--remat", default="", help="remat policy: none, dots, dots_no_batch, full (default: config's)")
-    ap.add_argument("--device-gb", type=float, default=80.0, help="memory of one device, GB (1e9 bytes)")
+    ap.add_argument("--device-gb", type=float, nargs="+", default=[80.0],
+                    help="memory of one device, GB (1e9 bytes); several sizes: a fit column each")
     ap.add_argument("--headroom", type=float, default=0.10, help="share of the device kept free to fit")
     ap.add_argument("--search", action="store_true", help="largest fitting micro-batch per remat policy")
     ap.add_argument("--json", default="", help="also write the rows here")
@@ -179,19 +182,22 @@ def plan(cfg, mesh) -> dict:
             "compile_s": time.perf_counter() - began}
 
 
-def row(cfg, mesh, device_gb: float, headroom: float) -> dict:
-    """One table row: the plan in GB, the share of the device left, whether it fits with `headroom`."""
+def row(cfg, mesh, device_gb: list[float], headroom: float) -> dict:
+    """One table row: the plan in GB and, per device size, the share of the device left ("free_80" for 80 GB)
+    and whether it fits with `headroom` ("fits_80")."""
     got = plan(cfg, mesh)
     out = {"remat": cfg.model.remat_policy, "micro_batch": cfg.train.micro_batch, "seq_len": cfg.data.seq_len,
            **{k: round(v / GB, 2) for k, v in got.items() if k != "compile_s"}}
-    out["free"] = round(1 - got["total"] / (device_gb * GB), 3)
-    out["fits"] = out["free"] >= headroom
+    for gb in device_gb:
+        out[f"free_{gb:g}"] = round(1 - got["total"] / (gb * GB), 3)
+        out[f"fits_{gb:g}"] = out[f"free_{gb:g}"] >= headroom
     out["compile_s"] = round(got["compile_s"], 1)
     return out
 
 
-def search(cfg, mesh, device_gb: float, headroom: float) -> list[dict]:
-    """Per remat policy, micro-batches of 1, 2, 4, ... x (data x fsdp) until one does not fit: every row tried."""
+def search(cfg, mesh, device_gb: list[float], headroom: float) -> list[dict]:
+    """Per remat policy, micro-batches of 1, 2, 4, ... x (data x fsdp) until one does not fit the largest device
+    size: every row tried."""
     split = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = []
     for policy in REMAT_MENU:
@@ -200,7 +206,7 @@ def search(cfg, mesh, device_gb: float, headroom: float) -> list[dict]:
             cfg.train.micro_batch = split * k
             rows.append(row(cfg, mesh, device_gb, headroom))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-            if not rows[-1]["fits"]:
+            if not rows[-1][f"fits_{max(device_gb):g}"]:
                 break
             k *= 2
     return rows
@@ -215,20 +221,21 @@ def main(args: argparse.Namespace) -> None:
     cfg.model.remat_policy = args.remat or cfg.model.remat_policy
     mesh = sharding.make_mesh(**cfg.mesh.to_dict())
     plan_fused_attention()
+    sizes = " / ".join(f"{gb:g}" for gb in args.device_gb)
     print(f"{args.config}: {cfg.model.num_layers} layers x {cfg.model.hidden_size}, vocab {cfg.model.vocab_size}, "
-          f"mesh {dict(mesh.shape)}, {cfg.data.seq_len} tokens per pack, device {args.device_gb:g} GB, "
+          f"mesh {dict(mesh.shape)}, {cfg.data.seq_len} tokens per pack, device {sizes} GB, "
           f"headroom {args.headroom:.0%}; per-device GB:")
     rows = (search(cfg, mesh, args.device_gb, args.headroom) if args.search
             else [row(cfg, mesh, args.device_gb, args.headroom)])
-    columns = ["remat", "micro_batch", "params", "opt_state", "batch", "temporaries", "total", "free", "fits",
-               "compile_s"]
+    columns = ["remat", "micro_batch", "params", "opt_state", "batch", "temporaries", "total",
+               *(f"{c}_{gb:g}" for gb in args.device_gb for c in ("free", "fits")), "compile_s"]
     print(" | ".join(f"{c:>11}" for c in columns))
     for r in rows:
         print(" | ".join(f"{str(r[c]):>11}" for c in columns))
     if args.search:
-        for policy in REMAT_MENU:
-            fitting = [r["micro_batch"] for r in rows if r["remat"] == policy and r["fits"]]
-            print(f"largest micro-batch with remat={policy}: {max(fitting) if fitting else 'none fits'}")
+        for policy, gb in itertools.product(REMAT_MENU, args.device_gb):
+            fitting = [r["micro_batch"] for r in rows if r["remat"] == policy and r[f"fits_{gb:g}"]]
+            print(f"largest micro-batch with remat={policy} on {gb:g} GB: {max(fitting) if fitting else 'none fits'}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"config": args.config, "devices": args.devices,

@@ -15,7 +15,7 @@ from test_train_data import LAYOUT, LAYOUTS, tokenize
 from omnidiff_jax.attention import segment_ids_from_positions
 from omnidiff_jax.config import dream_config, get_config
 from omnidiff_jax.models.dream import Dream
-from omnidiff_jax.sharding import activate, make_mesh
+from omnidiff_jax.sharding import activate, logical_to_spec, make_mesh
 from omnidiff_jax.speech_in import init_speech_input
 from omnidiff_jax.train import data, loss
 from omnidiff_jax.train.data import IGNORE
@@ -175,13 +175,16 @@ def test_no_tokens_by_vocab_array_in_the_compiled_gradient():
     assert largest(lambda x, w: full_logits_losses(x, w, labels, prob, "reference").mean()) >= b * (LENGTH - 1) * vocab
 
 
-def test_the_head_split_over_a_mesh_equals_one_device():
-    """Under an 8-device mesh each device scores its own packs (one of them without labels) against the whole
-    head; loss and gradients are those of the unsplit computation."""
-    mesh = make_mesh(data=2, fsdp=4)
+@pytest.mark.parametrize("data,fsdp,tensor", [(2, 4, 1), (2, 2, 2)])
+def test_the_head_split_over_a_mesh_equals_one_device(data, fsdp, tensor):
+    """Under an 8-device mesh each device scores its own packs (one of them without labels) against row blocks
+    of the head gathered from its shards (hidden axis over fsdp, vocabulary over tensor); loss and gradients are
+    those of the unsplit computation, and the head's gradient comes back split as the head is."""
+    mesh = make_mesh(data=data, fsdp=fsdp, tensor=tensor)
     hidden, table, labels, prob = head_inputs(2, batch=8)
     hidden = jax.device_put(hidden, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
-    table = jax.device_put(table, NamedSharding(mesh, PartitionSpec(None, "fsdp")))
+    head = NamedSharding(mesh, logical_to_spec(("vocab", "embed"), table.shape, mesh))
+    table = jax.device_put(table, head)
 
     def mean_loss(x, w):
         return loss.pack_losses(x, w, labels, prob, "inverse_t", chunk=CHUNK, vocab_chunk=VOCAB_CHUNK)[0].mean()
@@ -195,3 +198,4 @@ def test_the_head_split_over_a_mesh_equals_one_device():
     np.testing.assert_allclose(got, want, rtol=1e-6)
     for g, w in zip(got_grads, want_grads):
         assert rel_err(g, w) <= 1e-6
+    assert got_grads[1].sharding.is_equivalent_to(head, 2)

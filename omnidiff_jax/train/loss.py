@@ -16,8 +16,9 @@ The logits are never materialised: only positions whose next token is labelled a
 front of a static slot array (capacity L - 1 rounded up to LOSS_CHUNK, so no label is ever dropped), and the
 head and cross-entropy run in blocks of LOSS_CHUNK slots x VOCAB_CHUNK head rows under a custom VJP that keeps
 one log-normaliser per slot and recomputes a block's logits in the backward pass; slot chunks past a batch's
-last label are skipped. The backward pass goes row block by row block, so each block's head gradient is
-complete when written and no float32 head-sized accumulator exists. At 8192 tokens this replaces a float32
+last label are skipped. Both passes go row block by row block, so each block's head gradient is complete when
+written and no float32 head-sized accumulator exists; under a mesh the head is never gathered whole (a row block
+at a time, its gradient reduce-scattered back to the shards). At 8192 tokens this replaces a float32
 [8192, 176264] array (5.8 GB, and as much again for its gradient) with [512, 8192] (17 MB) per pack.
 """
 
@@ -57,19 +58,23 @@ def supervised_slots(labels: jax.Array, chunk: int) -> tuple[jax.Array, jax.Arra
     return jnp.pad(order, ((0, 0), (0, pad))), jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def head_cross_entropy(hidden: jax.Array, table: jax.Array, targets: jax.Array, divisor: jax.Array,
-                       chunk: int, vocab_chunk: int) -> jax.Array:
+                       chunk: int, vocab_chunk: int, embed_axes: tuple[str, ...] = ()) -> jax.Array:
     """Per pack [B]: sum over slots j with a target of CE(logits[:, j], targets[:, j]) / divisor[:, j], where
     logits = hidden @ table.T in the table's dtype, upcast to float32 (`Dream.logits` and the loss's upcast).
 
     hidden [B, C, H]; table [V, H] (the output head, in the compute dtype); targets [B, C] with IGNORE slots last;
     divisor [B, C] > 0. The logits exist one block at a time: float32 [B, chunk, vocab_chunk] for `chunk` slots
-    against `vocab_chunk` rows of the head, and only for the slot chunks up to the batch's last target. The
-    forward pass keeps each slot's log-normaliser (an online logsumexp over the row blocks); the backward pass
-    runs row block by row block, recomputes that block's logits for every occupied slot chunk, and writes the
-    block's head gradient (summed over slots in float32) straight into its rows: no head-sized accumulator."""
-    return _head_forward(hidden, table, targets, divisor, chunk, vocab_chunk)[0]
+    against `vocab_chunk` rows of the head, and only for the slot chunks up to the batch's last target. Both
+    passes go row block by row block: the forward pass keeps each slot's log-normaliser (an online logsumexp);
+    the backward pass recomputes the block's logits for every occupied slot chunk and writes the block's head
+    gradient (summed over slots in float32) straight into its rows: no head-sized accumulator.
+
+    Inside `shard_map`, `embed_axes` names the mesh axes the table's hidden axis is split over: each row block is
+    gathered from them when it is scored (the whole head never is) and its gradient reduce-scattered back (in
+    float32) to the device's own shard."""
+    return _head_forward(hidden, table, targets, divisor, chunk, vocab_chunk, embed_axes)[0]
 
 
 def _slots(x: jax.Array, k: jax.Array, chunk: int) -> jax.Array:
@@ -77,23 +82,14 @@ def _slots(x: jax.Array, k: jax.Array, chunk: int) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(x, k * chunk, chunk, axis=1)
 
 
+def _put_slots(x: jax.Array, value: jax.Array, k: jax.Array, chunk: int) -> jax.Array:
+    """x [B, C, ...] with slot chunk k replaced by value [B, chunk, ...]."""
+    return jax.lax.dynamic_update_slice_in_dim(x, value, k * chunk, axis=1)
+
+
 def _occupied_chunks(targets: jax.Array, chunk: int) -> jax.Array:
     """How many leading slot chunks hold a target in some pack (targets [B, C], IGNORE slots last)."""
     return -(-jnp.max(jnp.sum(targets != IGNORE, axis=-1)) // chunk)
-
-
-def _head_rows(table: jax.Array, c: jax.Array, size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Row block c of the head: (rows [size, H], their token ids [size], fresh [size]). The last block is moved
-    back to end at V (no padded copy of the head), so its first rows may repeat the previous block's: `fresh`
-    marks the rows no earlier block covered."""
-    start = jnp.minimum(c * size, table.shape[0] - size)
-    ids = start + jnp.arange(size)
-    return jax.lax.dynamic_slice_in_dim(table, start, size), ids, ids >= c * size
-
-
-def _block_logits(h: jax.Array, rows: jax.Array) -> jax.Array:
-    """h [B, T, H] @ rows.T in the head's dtype, upcast: float32 [B, T, size]."""
-    return jnp.dot(h.astype(rows.dtype), rows.T).astype(jnp.float32)
 
 
 def _row_blocks(table: jax.Array, vocab_chunk: int) -> tuple[int, int]:
@@ -102,35 +98,51 @@ def _row_blocks(table: jax.Array, vocab_chunk: int) -> tuple[int, int]:
     return size, -(-table.shape[0] // size)
 
 
-def _head_forward(hidden, table, targets, divisor, chunk, vocab_chunk):
-    b, n = targets.shape
+def _head_rows(table: jax.Array, c: jax.Array, size: int,
+               embed_axes: tuple[str, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Row block c of the head: (rows [size, H], their token ids [size], fresh [size]). The last block is moved
+    back to end at V (no padded copy of the head), so its first rows may repeat the previous block's: `fresh`
+    marks the rows no earlier block covered. A hidden axis split over `embed_axes` is gathered."""
+    start = jnp.minimum(c * size, table.shape[0] - size)
+    ids = start + jnp.arange(size)
+    rows = jax.lax.dynamic_slice_in_dim(table, start, size)
+    if embed_axes:
+        rows = jax.lax.all_gather(rows, embed_axes, axis=1, tiled=True)
+    return rows, ids, ids >= c * size
+
+
+def _block_logits(h: jax.Array, rows: jax.Array) -> jax.Array:
+    """h [B, T, H] @ rows.T in the head's dtype, upcast: float32 [B, T, size]."""
+    return jnp.dot(h.astype(rows.dtype), rows.T).astype(jnp.float32)
+
+
+def _head_forward(hidden, table, targets, divisor, chunk, vocab_chunk, embed_axes):
     size, blocks = _row_blocks(table, vocab_chunk)
+    occupied = _occupied_chunks(targets, chunk)
 
-    def slot_chunk(k, carry):
-        total, logz = carry
-        h, t = _slots(hidden, k, chunk), _slots(targets, k, chunk)
+    def row_block(c, acc):
+        rows, ids, fresh = _head_rows(table, c, size, embed_axes)
 
-        def row_block(c, acc):  # online logsumexp over the row blocks, and the target's logit
-            top, mass, picked = acc
-            rows, ids, fresh = _head_rows(table, c, size)
-            logits = jnp.where(fresh, _block_logits(h, rows), -jnp.inf)  # [B, T, size]
+        def slot_chunk(k, acc):  # online logsumexp over the row blocks, and the target's logit
+            top, mass, picked = (_slots(x, k, chunk) for x in acc)  # [B, T] each
+            t = _slots(targets, k, chunk)
+            logits = jnp.where(fresh, _block_logits(_slots(hidden, k, chunk), rows), -jnp.inf)  # [B, T, size]
             new_top = jnp.maximum(top, logits.max(-1))
             mass = mass * jnp.exp(top - new_top) + jnp.exp(logits - new_top[..., None]).sum(-1)
-            hit = (ids == t[..., None]) & fresh
-            return new_top, mass, picked + jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+            picked = picked + jnp.sum(jnp.where((ids == t[..., None]) & fresh, logits, 0.0), axis=-1)
+            return tuple(_put_slots(x, v, k, chunk) for x, v in zip(acc, (new_top, mass, picked)))
 
-        init = (jnp.full(t.shape, -jnp.inf), jnp.zeros(t.shape), jnp.zeros(t.shape))
-        top, mass, picked = jax.lax.fori_loop(0, blocks, row_block, init)
-        z = top + jnp.log(mass)  # [B, T]
-        ce = jnp.where(t != IGNORE, (z - picked) / _slots(divisor, k, chunk), 0.0)
-        return total + ce.sum(-1), jax.lax.dynamic_update_slice_in_dim(logz, z, k * chunk, axis=1)
+        return jax.lax.fori_loop(0, occupied, slot_chunk, acc)
 
-    init = (jnp.zeros(b, jnp.float32), jnp.zeros((b, n), jnp.float32))
-    total, logz = jax.lax.fori_loop(0, _occupied_chunks(targets, chunk), slot_chunk, init)
+    shape = targets.shape
+    init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros(shape))
+    top, mass, picked = jax.lax.fori_loop(0, blocks, row_block, init)
+    logz = top + jnp.log(mass)  # [B, C]; -inf in slot chunks past the last target, which nothing reads
+    total = jnp.sum(jnp.where(targets != IGNORE, (logz - picked) / divisor, 0.0), axis=-1)
     return total, (hidden, table, targets, divisor, logz)
 
 
-def _head_backward(chunk, vocab_chunk, saved, grad):
+def _head_backward(chunk, vocab_chunk, embed_axes, saved, grad):
     hidden, table, targets, divisor, logz = saved
     size, blocks = _row_blocks(table, vocab_chunk)
     scale = jnp.where(targets != IGNORE, grad[:, None] / divisor, 0.0)  # [B, C]
@@ -138,7 +150,7 @@ def _head_backward(chunk, vocab_chunk, saved, grad):
 
     def row_block(c, carry):
         d_table, d_hidden = carry
-        rows, ids, fresh = _head_rows(table, c, size)
+        rows, ids, fresh = _head_rows(table, c, size, embed_axes)
         fresh_rows = jnp.where(fresh[:, None], rows, 0)  # a repeated row's share of d_hidden is already in
 
         def slot_chunk(k, acc):
@@ -149,10 +161,12 @@ def _head_backward(chunk, vocab_chunk, saved, grad):
             d_rows = d_rows + jnp.einsum("btv,bth->vh", g, h.astype(table.dtype), preferred_element_type=jnp.float32)
             d_h = _slots(d_hidden, k, chunk) + jnp.einsum("btv,vh->bth", g, fresh_rows,
                                                           preferred_element_type=jnp.float32)
-            return d_rows, jax.lax.dynamic_update_slice_in_dim(d_hidden, d_h, k * chunk, axis=1)
+            return d_rows, _put_slots(d_hidden, d_h, k, chunk)
 
         d_rows, d_hidden = jax.lax.fori_loop(0, occupied, slot_chunk,
                                              (jnp.zeros(rows.shape, jnp.float32), d_hidden))
+        if embed_axes:
+            d_rows = jax.lax.psum_scatter(d_rows, embed_axes, scatter_dimension=1, tiled=True)
         d_table = jax.lax.dynamic_update_slice_in_dim(d_table, d_rows.astype(table.dtype), ids[0], axis=0)
         return d_table, d_hidden
 
@@ -167,19 +181,26 @@ head_cross_entropy.defvjp(_head_forward, _head_backward)
 def sharded_head_cross_entropy(hidden: jax.Array, table: jax.Array, targets: jax.Array, divisor: jax.Array,
                                chunk: int, vocab_chunk: int) -> jax.Array:
     """`head_cross_entropy` with the packs split as activations are (`activation_batch`) when a mesh is active:
-    each device scores its own packs against the whole head (gathered once, in the compute dtype, as FSDP gathers
-    every layer's weights), skips its own empty slot chunks, and forms its head gradient locally; one all-reduce
-    of that gradient per micro-batch (the transpose of the gather) replaces a reduction per block."""
+    each device scores its own packs and skips its own empty slot chunks. The head stays split over its hidden
+    axis: a row block at a time is gathered, as FSDP gathers a layer's weights, and each block's gradient is
+    reduce-scattered back to the shards; a vocabulary axis split over the mesh is gathered whole first (its
+    gradient reduce-scattered by the gather's transpose)."""
     current = sharding.active()
     if current is None:
-        return head_cross_entropy(hidden, table, targets, divisor, chunk, vocab_chunk)
+        return head_cross_entropy(hidden, table, targets, divisor, chunk, vocab_chunk, ())
     mesh, rules = current
     rows = sharding.logical_to_spec(("activation_batch",), hidden.shape[:1], mesh, rules)
-    rows3 = PartitionSpec(*rows, None, None)
-    rows2 = PartitionSpec(*rows, None)
-    return jax.shard_map(lambda h, w, t, d: head_cross_entropy(h, w, t, d, chunk, vocab_chunk), mesh=mesh,
-                         in_specs=(rows3, PartitionSpec(), rows2, rows2), out_specs=rows,
-                         check_vma=False)(hidden, table, targets, divisor)
+    head = sharding.logical_to_spec(("vocab", "embed"), table.shape, mesh, rules)
+    vocab_axes, embed_axes = (() if a is None else (a,) if isinstance(a, str) else tuple(a) for a in head)
+
+    def local(h, w, t, d):
+        if vocab_axes:
+            w = jax.lax.all_gather(w, vocab_axes, axis=0, tiled=True)
+        return head_cross_entropy(h, w, t, d, chunk, vocab_chunk, embed_axes)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(*rows, None, None), head,
+                                                     PartitionSpec(*rows, None), PartitionSpec(*rows, None)),
+                         out_specs=rows, check_vma=False)(hidden, table, targets, divisor)
 
 
 def pack_losses(hidden: jax.Array, table: jax.Array, labels: jax.Array, mask_prob: jax.Array | None = None,
@@ -230,16 +251,19 @@ def embed_inputs(module: Dream, params: dict, batch: dict, speech: SpeechEncoder
         raise ValueError("the batch holds user speech but no speech encoder was given")
     index, row, frames = batch["audio_index"], batch["audio_row"], batch["audio_frames"]
     b, a, t = index.shape[0], speech.max_audios, speech.max_frames
-    batch_row = jnp.arange(b)[:, None]
     is_frame = (index >= 0) & (row >= AUDIO_PREFIX)
     clip = jnp.where(is_frame, index, a)  # out of range: dropped by the scatters
     frame = jnp.where(is_frame, row - AUDIO_PREFIX, 0)
-    feats = jnp.zeros((b, a, t, frames.shape[-1]), frames.dtype).at[batch_row, clip, frame].set(frames, mode="drop")
-    lengths = jnp.zeros((b, a), jnp.int32).at[batch_row, clip].add(1, mode="drop")
+    # Scatters and gathers per pack (vmap: the pack axis is a batch axis of each), so every device handles, and
+    # encodes, only its own packs' clips.
+    feats = jax.vmap(lambda c, f, x: jnp.zeros((a, t, x.shape[-1]), x.dtype).at[c, f].set(x, mode="drop"))(
+        clip, frame, frames)  # [B, A, T, 560]
+    lengths = jax.vmap(lambda c: jnp.zeros(a, jnp.int32).at[c].add(1, mode="drop"))(clip)  # [B, A]
+    feats = constrain(feats, ("activation_batch", None, None, None))
     # Empty clip slots get one zero frame, so no fully masked (NaN) rows reach the projector's gradient.
     out = speech.embed(params, frozen, feats.reshape(b * a, t, -1), jnp.maximum(lengths, 1).reshape(-1), rng)
-    out = out.reshape(b, a, *out.shape[1:])  # [B, A, T + 4, H]
-    picked = out[batch_row, jnp.maximum(index, 0), row]
+    out = constrain(out.reshape(b, a, *out.shape[1:]), ("activation_batch", None, None, "activation_embed"))
+    picked = jax.vmap(lambda o, i, r: o[i, r])(out, jnp.maximum(index, 0), row)  # [B, L, H] from [B, A, T + 4, H]
     return jnp.where((index >= 0)[..., None], picked.astype(x.dtype), x)
 
 
