@@ -255,8 +255,10 @@ class SenseVoiceEncoder(nn.Module):
         return x, lengths
 
 
+@functools.partial(jax.jit, static_argnames="config")
 def init_params(config: SenseVoiceConfig, seed: int = 0) -> dict:
-    """Random parameters (a plain nested dict) for `config`."""
+    """Random parameters (a plain nested dict) for `config` (jitted: an eager init runs the encoder op by op and
+    compiles its layer scan anew on every call, several times slower)."""
     feats, lengths = jnp.zeros((1, 2, config.input_size)), jnp.array([2])
     return SenseVoiceEncoder(config).init(jax.random.key(seed), feats, lengths)["params"]
 
