@@ -14,7 +14,7 @@ from omnidiff_jax import demo
 @pytest.mark.slow
 def test_demo_learns_above_chance(tmp_path):
     out = tmp_path / "demo"
-    summary = demo.run(out, progress=False)  # the default 1500 steps: about 3-5 minutes on 2 CPU cores
+    summary = demo.run(out, progress=False)  # the default 1100 steps: about 2-3 minutes on 2 CPU cores
     acc = summary["accuracy"]
     assert set(acc) == {"t2i", "s2i", "vqa", "svqa", "tts", "asr"}
     assert summary["chance"] == 1 / len(demo.NAMES)

@@ -7,7 +7,7 @@ def register(group) -> None:
     p = group("").add_parser("demo", help="train a tiny model on a built-in synthetic dataset and sample every task",
                              description=__doc__)
     p.add_argument("--out", default="demo", help="output folder (default: ./demo; replaced if it is a demo folder)")
-    p.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
+    p.add_argument("--steps", type=int, default=1100, help="training steps (default 1100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier demo folder")
     p.set_defaults(func=run)
