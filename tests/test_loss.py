@@ -179,7 +179,8 @@ def test_no_tokens_by_vocab_array_in_the_compiled_gradient():
 def test_the_head_split_over_a_mesh_equals_one_device(data, fsdp, tensor):
     """Under an 8-device mesh each device scores its own packs (one of them without labels) against row blocks
     of the head gathered from its shards (hidden axis over fsdp, vocabulary over tensor); loss and gradients are
-    those of the unsplit computation, and the head's gradient comes back split as the head is."""
+    those of the unsplit computation, the head's gradient comes back split as the head is, and no device ever
+    holds the whole head or its whole gradient."""
     mesh = make_mesh(data=data, fsdp=fsdp, tensor=tensor)
     hidden, table, labels, prob = head_inputs(2, batch=8)
     hidden = jax.device_put(hidden, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
@@ -193,9 +194,13 @@ def test_the_head_split_over_a_mesh_equals_one_device(data, fsdp, tensor):
         with activate(mesh):
             return mean_loss(x, w)
 
-    got, got_grads = jax.jit(jax.value_and_grad(on_mesh, argnums=(0, 1)))(hidden, table)
+    step = jax.jit(jax.value_and_grad(on_mesh, argnums=(0, 1)))
+    got, got_grads = step(hidden, table)
     want, want_grads = jax.jit(jax.value_and_grad(mean_loss, argnums=(0, 1)))(hidden, table)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     for g, w in zip(got_grads, want_grads):
         assert rel_err(g, w) <= 1e-6
     assert got_grads[1].sharding.is_equivalent_to(head, 2)
+    shapes = re.findall(r"\[([\d,]+)\]", step.lower(hidden, table).compile().as_text())
+    vocab, h = table.shape
+    assert f"{vocab},{h}" not in shapes and f"{VOCAB_CHUNK},{h}" in shapes  # row blocks only, gathered whole
