@@ -107,8 +107,10 @@ class RMSNorm(nn.Module):
     def __call__(self, x):
         weight = self.param("weight", _init(nn.initializers.ones, "norm"), (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return weight.astype(self.dtype) * normed.astype(x.dtype)
+        # torch.rsqrt on CPU is 1 / sqrt, each rounded; XLA's rsqrt (which it also makes of 1 / sqrt) is an
+        # approximation one ulp off for ~1/3 of inputs, which flips bf16 outputs: the barrier keeps the sqrt apart
+        root = jax.lax.optimization_barrier(jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps))
+        return weight.astype(self.dtype) * (x32 * (1 / root)).astype(x.dtype)
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
