@@ -36,8 +36,8 @@ import numpy as np
 from omnidiff_jax.model import OmniModel
 from omnidiff_jax.models.dream import decode_functions
 from omnidiff_jax.sampler_loop import ALGS, Knobs, SamplerState, Variant, program
-from omnidiff_jax.sampler_plan import (MASK_SCHEDULES, Prompt, as_prompt, boa_index, bucket, make_plan, schedule,
-                                       torch_linspace)
+from omnidiff_jax.sampler_plan import (MASK_SCHEDULES, Prompt, as_prompt, block_length, boa_index, bucket, make_plan,
+                                       schedule, torch_linspace)
 
 
 def sample(model: OmniModel, prompts: Sequence[Prompt | Sequence[int] | np.ndarray], *,
@@ -108,10 +108,9 @@ def sample(model: OmniModel, prompts: Sequence[Prompt | Sequence[int] | np.ndarr
         uncond_prompts = [as_prompt(p, model.config, f"uncond[{i}]") for i, p in enumerate(uncond)]
     plan = make_plan(model.config, model.layout, prompts, uncond_prompts, gen_length, steps, block_size, boa_prefill,
                      cfg_compat, mask_schedule, threshold is not None)
-    one_block = block_size is None or block_size < 0
     variant = Variant(mask_id=model.config.mask_token_id, vocab_size=model.config.vocab_size, top_k=top_k,
                       with_cfg=cfg_scale > 0, cache="prefix" if prefix_cache else "dual" if dual_cache else None,
-                      block_size=(plan.tokens.shape[1] if one_block else block_size) if dual_cache else None,
+                      block_size=block_length(block_size, plan.tokens.shape[1]) if dual_cache else None,
                       record_history=return_history, threshold=threshold is not None)
     knobs = Knobs(alg=np.int32(ALGS.index(alg)), temperature=np.float32(temperature),
                   top_p=np.float32(1.0 if top_p is None else top_p), alg_temp=np.float32(alg_temp or 0.0),

@@ -124,6 +124,11 @@ def boa_index(prompt_length: int, gen_length: int) -> int:
     return int(np.float32(prompt_length) + np.float32(gen_length) * np.float32(0.2)) - prompt_length
 
 
+def block_length(block_size: int | None, gen_length: int) -> int:
+    """The block size a `block_size` option means for N = gen_length tokens: N for one block (None or < 0)."""
+    return gen_length if block_size is None or block_size < 0 else block_size
+
+
 def schedule(gen_length: int, steps: int, block_size: int | None, boa_prefill: bool, mask_schedule: str = "linear"):
     """One row's steps as (block_lo, block_hi, ratio, last) tuples, in generation-region indices.
 
@@ -134,7 +139,7 @@ def schedule(gen_length: int, steps: int, block_size: int | None, boa_prefill: b
     """
     n = gen_length
     total = min(steps, n)
-    size = n if block_size is None or block_size < 0 else block_size
+    size = block_length(block_size, n)
     masks = n - (1 if boa_prefill else 0)
     rows = []
     for b in range(-(-masks // size)):
@@ -206,7 +211,7 @@ def make_plan(config: DreamConfig, layout: TokenLayout, prompts: list[Prompt], u
         plans = [[(0, 0, np.float32(0), False)] * n for n in gen_length]
     else:
         plans = [schedule(n, s, block_size, boa_prefill, mask_schedule) for n, s in zip(gen_length, steps)]
-    sizes = [n if block_size is None or block_size < 0 else min(block_size, n) for n in gen_length]
+    sizes = [min(block_length(block_size, n), n) for n in gen_length]
     return Plan(canvas.prompt_ids, canvas.feats, canvas.feat_cols, canvas.kind, canvas.src, canvas.positions,
                 canvas.segments, tokens, np.asarray(gen_length, np.int32), np.asarray(sizes, np.int32),
                 **_step_tables(plans, nb))
