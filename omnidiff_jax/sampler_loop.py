@@ -1,18 +1,20 @@
 """The sampler's device loop: the reference `_sample` (Omni-Diffusion `generation_utils.py`) as one jitted
 `lax.while_loop` over a `SamplerState`, in the shape of MaskGIT's and MD4's decode loops.
 
-The model comes in as functions (`models.dream.DecodeFunctions`: embeddings, the final hidden states of a canvas
-window with an optional KV cache, the vocabulary head), and the canvas layout and step tables as a `Plan`
-(`omnidiff_jax.sampler_plan`). One step, for every row at once:
+The model comes in as functions (`models.dream.DecodeFunctions`: embeddings, every layer but the last over the
+canvas and the last on chosen columns, or the final hidden states of a canvas window with a KV cache, the vocabulary
+head), and the canvas layout and step tables as a `Plan` (`omnidiff_jax.sampler_plan`). One step, for every row at
+once:
 
-    hidden    = model over the canvas (exact), or over a window of it against a KV cache (prefix / dual cache)
+    hidden    = model over the canvas but its last layer (exact), or over a window against a KV cache (prefix / dual)
     columns   = what the step can commit: the still-masked columns of the current block (origin: its transfers)
-    logits    = head(hidden[column - 1]) of those columns only      (CFG first, then the shift, as the reference)
+    logits    = head(hidden[column - 1]) of those columns only      (CFG first, then the shift, as the reference;
+                exact: the last layer runs on those columns only, with the keys and values of every column)
     x0, conf  = sample_tokens(logits)        / temperature -> top-p -> top-k -> repeat / position penalty -> softmax
     commit      the k most confident columns, k = max(1, int(M ratio)), all M at the block's last step
 
-Only the columns a step can commit go through the vocabulary head and the filters. Their number shrinks as the
-block fills, so the head runs at the smallest width of a fixed ladder (`head_widths`) that holds every row's
+Only the columns a step can commit go through the last layer, the vocabulary head and the filters. Their number
+shrinks as the block fills, so they run at the smallest width of a fixed ladder (`head_widths`) that holds every row's
 columns, picked each step by `lax.switch`: shapes stay static and the tokens are those of the full computation.
 Every filter works on the top (top_k + 16) candidates of each row instead of sorting the vocabulary: the
 reference's filtered distribution has at most top_k (plus ties) non-zero entries, so this is exact. Under a mesh
@@ -41,6 +43,9 @@ TOP_K_CHUNK = 128  # vocabulary chunk of `chunked_top_k`
 TIE_ROOM = 16  # candidates kept beyond top_k, so logits tied with the top_k-th are kept as the reference keeps them
 POSITION_PENALTY_FREE_ROWS = 100  # the first 100 rows are never position-penalised
 MIN_HEAD_WIDTH = 8  # the narrowest head
+# The last layer runs on at least this many columns: XLA's CPU matmuls round products of up to 16 rows differently
+# from wider ones, and the exact sampler's hidden states are to be those of a pass over the whole canvas.
+MIN_LAST_LAYER_WIDTH = 24
 
 
 @struct.dataclass
@@ -91,7 +96,8 @@ class _Step:
     block_hi: jax.Array
     ratio: jax.Array
     last: jax.Array
-    active: jax.Array
+    active: jax.Array  # the row's schedule has this step
+    runs: jax.Array  # active with a mask left (the reference breaks out of its loop once none is left)
     refresh: jax.Array  # the row runs and starts a block: caches are recomputed
 
 
@@ -146,16 +152,15 @@ def _loop(model: DecodeFunctions, mesh, variant: Variant, params, plan: Plan, kn
         noise = _Noise(jax.random.uniform(keys[0], (b, nb)), jax.random.gumbel(keys[1], (b, nb)),
                        jax.random.gumbel(keys[2], (b, nb, candidates(variant.vocab_size, variant.top_k))))
         read = functools.partial(_head, model, params, variant, knobs, plan, hidden, first)
-        tokens, ran = _update(read, shortlist, variant, knobs, state.tokens, step, j, noise)
+        tokens = _update(read, shortlist, variant, knobs, state.tokens, step, j, noise)
         tokens = sharding.constrain(tokens, ("activation_batch", "activation_length"))
         history = state.history.at[j].set(tokens) if variant.record_history else state.history
-        return SamplerState(tokens, j + 1, history, state.steps_run + ran,
+        return SamplerState(tokens, j + 1, history, state.steps_run + step.runs,
                             jnp.where(step.active, step.block_lo, state.block_lo), cache)
 
     def running(state: SamplerState):
-        """Steps remain, and some row that still has steps has a mask left (the reference's break)."""
-        active = jax.lax.dynamic_index_in_dim(plan.active, state.step, axis=1, keepdims=False)
-        return (state.step < plan.num_steps) & jnp.any(active & jnp.any(state.tokens == variant.mask_id, axis=1))
+        """Steps remain, and some row runs the next one."""
+        return (state.step < plan.num_steps) & jnp.any(_current_step(variant, plan, state).runs)
 
     cache = None if variant.cache is None else model.empty_cache(plan.segments)
     t = plan.block_lo.shape[1] if variant.record_history else 0
@@ -177,7 +182,8 @@ def _current_step(variant: Variant, plan: Plan, state: SamplerState) -> _Step:
     else:
         lo, hi, ratio, last = map(table, (plan.block_lo, plan.block_hi, plan.ratio, plan.last))
     active = table(plan.active)
-    return _Step(lo, hi, ratio, last, active, active & jnp.any(masked, axis=1) & (lo != state.block_lo))
+    runs = active & jnp.any(masked, axis=1)
+    return _Step(lo, hi, ratio, last, active, runs, runs & (lo != state.block_lo))
 
 
 # ---------------------------------------------------------------------------------------------- the model pass
@@ -196,18 +202,19 @@ def _embeddings(model: DecodeFunctions, params, plan: Plan, fixed, tokens, start
 
 
 def _model_pass(model: DecodeFunctions, variant: Variant, params, plan: Plan, fixed, tokens, cache, step: _Step):
-    """The final hidden states [R, W, H] of canvas columns [first_r, first_r + W) of every model row r; returns
+    """Hidden states [R, W, H] of canvas columns [first_r, first_r + W) of every model row r; returns
     (hidden, first [R], cache).
 
-    Exact: the whole canvas. With a cache, the window the step reads (prefix cache: from the last prompt column
-    on; dual cache: the current block and the column before it) against the cached keys of the rest. Rows that
-    start a block first refresh their cache with a pass over the whole canvas, whose hidden states they use."""
+    Exact: the states entering the last layer over the whole canvas (`_head` runs the last layer). With a cache, the
+    final states of the window the step reads (prefix cache: from the last prompt column on; dual cache: the current
+    block and the column before it) against the cached keys of the rest. Rows that start a block first refresh
+    their cache with a pass over the whole canvas, whose hidden states they use."""
     rows, length = plan.kind.shape
     g = plan.prompt_ids.shape[1]
     everything = jnp.zeros(rows, jnp.int32)
     if variant.cache is None:
         embeds = _embeddings(model, params, plan, fixed, tokens, everything, length)
-        return model.hidden(params, embeds, plan.positions, plan.segments), everything, None
+        return model.trunk(params, embeds, plan.positions, plan.segments), everything, None
     batch_row = jnp.arange(rows) % tokens.shape[0]
     if variant.cache == "prefix":
         width = length - (g - 1)
@@ -234,7 +241,7 @@ def _model_pass(model: DecodeFunctions, variant: Variant, params, plan: Plan, fi
                                      cache, start)
         return jnp.where(refresh[:, None, None], fresh_hidden, hidden), cache
 
-    runs = (step.active & jnp.any(tokens == variant.mask_id, axis=1))[batch_row]
+    runs = step.runs[batch_row]
     fresh_hidden, cache = jax.lax.cond(jnp.any(refresh), refreshed, unchanged, cache)
     hidden, cache = jax.lax.cond(jnp.all(refresh | ~runs), lambda h, c: (h, c), windowed, fresh_hidden, cache)
     return hidden, start, cache
@@ -243,11 +250,16 @@ def _model_pass(model: DecodeFunctions, variant: Variant, params, plan: Plan, fi
 def _head(model: DecodeFunctions, params, variant: Variant, knobs: Knobs, plan: Plan, hidden, first, columns):
     """Shifted logits [B, W, V] of generation-region columns [B, W]: the head on the hidden state of the canvas
     column before each, CFG-mixed as the reference mixes them (un + (cfg_scale + 1)(cond - un), rounded where
-    its bf16 math rounds). `hidden` covers canvas columns [first_r, first_r + Wh) of model row r."""
+    its bf16 math rounds). `hidden` covers canvas columns [first_r, first_r + Wh) of model row r (`_model_pass`:
+    without a cache, the whole canvas before the last layer, which then runs on those columns only)."""
     rows, g = plan.prompt_ids.shape
-    b = columns.shape[0]
+    b, width = columns.shape
     at = jnp.clip(g - 1 + columns[jnp.arange(rows) % b] - first[:, None], 0, hidden.shape[1] - 1)
-    h = jnp.take_along_axis(hidden, at[..., None], axis=1)
+    if variant.cache is None:
+        queries = jnp.pad(at, ((0, 0), (0, max(MIN_LAST_LAYER_WIDTH - width, 0))), mode="edge")
+        h = model.last_layer(params, hidden, plan.positions, plan.segments, queries)[:, :width]
+    else:
+        h = jnp.take_along_axis(hidden, at[..., None], axis=1)
     logits = model.logits(params, h)  # constrained to the activation axes by Dream.logits
     if not variant.with_cfg:
         return logits
@@ -259,8 +271,7 @@ def _head(model: DecodeFunctions, params, variant: Variant, knobs: Knobs, plan: 
 # ------------------------------------------------------------------------------------------------ the update
 
 def _update(read, shortlist, variant: Variant, knobs: Knobs, tokens, step: _Step, j, noise: _Noise):
-    """One update of every row's generation region, the reference's `sample_tokens` and update rule: returns
-    (tokens [B, Nb], ran [B]: whether the row ran this step).
+    """One update of every row's generation region [B, Nb], the reference's `sample_tokens` and update rule.
 
     read(columns [B, W]) -> their shifted logits [B, W, V]; shortlist: `_shortlist` (in shard_map under a mesh).
     """
@@ -272,11 +283,10 @@ def _update(read, shortlist, variant: Variant, knobs: Knobs, tokens, step: _Step
     transfer = masked & (noise.transfer < jnp.where(step.last, 1.0, step.ratio)[:, None])
     passed = jnp.where(is_origin, transfer, masked)  # the rows the reference passes to `sample_tokens`
     m = jnp.sum(masked & in_block, axis=1)
-    ran = step.active & jnp.any(masked, axis=1)
     # the columns the step can commit: origin's transfers; else the block's masks, or in a block that ran dry the
     # first mask (the reference then commits one out-of-block position, and ties go to the lowest)
     first_mask = masked & (jnp.cumsum(masked, axis=1) == 1)
-    wanted = jnp.where(is_origin, transfer, (masked & in_block) | (first_mask & (m == 0)[:, None])) & ran[:, None]
+    wanted = jnp.where(is_origin, transfer, (masked & in_block) | (first_mask & (m == 0)[:, None])) & step.runs[:, None]
     penalty = jnp.where((knobs.alg == ALGS.index("entropy-penalty")) & (j > 0), knobs.repeat_penalty, 1.0)
     generated = _generated_ids(tokens, variant.mask_id, variant.vocab_size)
     x0, confidence, probability = _decide_columns(read, shortlist, knobs, tokens, wanted, passed, generated,
@@ -284,7 +294,7 @@ def _update(read, shortlist, variant: Variant, knobs: Knobs, tokens, step: _Step
 
     # how many to commit, and which: top-k of the confidence over masked positions, out-of-block ones at -inf
     k = jnp.where(step.last, m, (m.astype(jnp.float32) * step.ratio).astype(jnp.int32))
-    k = jnp.where(ran, jnp.maximum(k, 1), 0)
+    k = jnp.where(step.runs, jnp.maximum(k, 1), 0)
     confidence = jnp.where(in_block, confidence, -jnp.inf)
     sampled = confidence / jnp.where(knobs.alg_temp > 0, knobs.alg_temp, 1.0) + noise.order  # Gumbel top-k
     score = jnp.where(knobs.alg_temp > 0, sampled, confidence)
@@ -292,10 +302,10 @@ def _update(read, shortlist, variant: Variant, knobs: Knobs, tokens, step: _Step
     rank = jnp.zeros_like(order).at[jnp.arange(b)[:, None], order].set(column[None])
     if variant.threshold:  # Fast-dLLM: every mask of the block whose x0 is likely enough, else the best one
         sure = masked & in_block & (probability > knobs.threshold)
-        commit = (sure | (masked & (rank == 0) & ~jnp.any(sure, axis=1, keepdims=True))) & ran[:, None]
+        commit = (sure | (masked & (rank == 0) & ~jnp.any(sure, axis=1, keepdims=True))) & step.runs[:, None]
     else:
-        commit = jnp.where(is_origin, transfer & ran[:, None], masked & (rank < k[:, None]))
-    return jnp.where(commit, x0, tokens), ran
+        commit = jnp.where(is_origin, transfer & step.runs[:, None], masked & (rank < k[:, None]))
+    return jnp.where(commit, x0, tokens)
 
 
 def _decide_columns(read, shortlist, knobs: Knobs, tokens, wanted, passed, generated, repeat_penalty, gumbel,

@@ -136,8 +136,8 @@ class Attention(nn.Module):
         """x [B, W, H] -> [B, W, H]. cache: None (keys are x's own positions), or this layer's (k, v, key segment ids,
         start) over a whole canvas (k, v [B, L, Hkv, D]; key segment ids [B, L]; start [B]): x's keys and values
         are written at columns [start, start + W) and x's queries attend to all L keys. queries: None, or the
-        columns [B, Wq] of x whose outputs are wanted: only their queries attend (to the keys of every column) and
-        the output is [B, Wq, H]. Returns (out, (k, v))."""
+        columns [B, Wq] of x whose outputs are wanted: only they go through the output projection and the output is
+        [B, Wq, H]. Returns (out, (k, v))."""
         cfg = self.config
         dense = lambda features, axis, names, bias, name: Dense(  # noqa: E731  PyTorch's bf16 rounding
             features, axis=axis, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
@@ -147,18 +147,16 @@ class Attention(nn.Module):
         v = dense((cfg.num_kv_heads, cfg.head_dim), -1, ("embed", "kv_heads", "head_dim"), True, "v_proj")(x)
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q_segments = segment_ids
-        if queries is not None:
-            q, q_segments, query_valid = (take_columns(a, queries) for a in (q, segment_ids, query_valid))
         key_segment_ids = segment_ids
         if cache is not None:
             past_k, past_v, key_segment_ids, start = cache
             k, v = (constrain(_write_window(past, new, start),
                               ("activation_batch", "activation_length", "activation_heads", None))
                     for past, new in ((past_k, k), (past_v, v)))
-        out = dot_product_attention(q, k, v, segment_ids=q_segments, key_segment_ids=key_segment_ids,
+        out = dot_product_attention(q, k, v, segment_ids=segment_ids, key_segment_ids=key_segment_ids,
                                     query_valid=query_valid, implementation=cfg.attention_impl)  # [B, W, Hq, D]
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
+        out = out if queries is None else take_columns(out, queries)
         out = dense(cfg.hidden_size, (-2, -1), ("q_heads", "head_dim", "embed"), False, "o_proj")(out)
         return out, (None if cache is None else (k, v))
 
