@@ -35,7 +35,7 @@ from test_loss import full_logits_loss, full_logits_losses
 import omnidiff_jax
 from omnidiff_jax.config import dream_config, get_config, token_layout
 from omnidiff_jax.convert.dream import hf_config
-from omnidiff_jax.models import abstract_params
+from omnidiff_jax.model import abstract_dream
 from omnidiff_jax.models.dream import REMAT_POLICIES, Dream
 from omnidiff_jax.train import data, loss
 from omnidiff_jax.train.settings import add_training, source
@@ -98,8 +98,7 @@ def loss_memory(args) -> list[dict]:
     rows = []
     for seq_len in args.seq_len:
         cfg = model_config(args, seq_len)
-        module = Dream(dream_config(cfg))
-        params = {"dream": nn.meta.unbox(abstract_params(module, jnp.zeros((1, 8), jnp.int32)))}
+        params = {"dream": nn.meta.unbox(abstract_dream(dream_config(cfg)))}
         pack = random_packs(token_layout(cfg), seq_len, args.packs)
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in pack.items() if k != "task"}
         dtype, head = cfg.model.dtype, params["dream"]["lm_head"]["embedding"]

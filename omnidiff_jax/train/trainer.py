@@ -36,8 +36,7 @@ from tqdm import tqdm
 
 from omnidiff_jax import sharding
 from omnidiff_jax.config import dream_config, token_layout
-from omnidiff_jax.model import param_shardings
-from omnidiff_jax.models import abstract_params
+from omnidiff_jax.model import abstract_dream, param_shardings
 from omnidiff_jax.models.dream import Dream, DreamConfig
 from omnidiff_jax.train import checkpoints, data
 from omnidiff_jax.train.init import initial_params as default_params
@@ -114,7 +113,7 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def abstract_state(self) -> TrainState:
         """Shapes and dtypes of the state (trainable trees: "dream", plus the speech projector if any)."""
-        params = {"dream": nn.meta.unbox(abstract_params(self.module, jnp.zeros((1, 8), jnp.int32)))}
+        params = {"dream": nn.meta.unbox(abstract_dream(self.model_cfg))}
         if self.speech is not None:
             dtype = self.model_cfg.param_dtype  # init_state casts every trainable tree to it
             params.update(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), self.speech.params))
