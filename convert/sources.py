@@ -55,13 +55,14 @@ class TensorRef:
     offset: int | None = None  # where its bytes start in `origin`, when stored there raw (safetensors)
 
     def read(self) -> np.ndarray:
+        """The whole tensor (from safetensors, a view on a memory map of its bytes: nothing is read until touched)."""
         return self._read()
 
     def read_part(self, select: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         """`select(tensor)` as an array of its own, where `select` returns a view of the tensor (a transpose, a
         reshape, basic slicing: what a key map does). A tensor stored raw in a file (`offset` set) is read with
         ranged reads of the bytes the view covers (`_read_view`), so a slice along the minor axis reads its
-        span of each row and no more; the memory map is never touched."""
+        span of each row and no more, without touching the memory map (which a `select` that copies does)."""
         whole = self.read()
         part = select(whole)
         if self.offset is None or not part.size or not np.may_share_memory(part, whole):
