@@ -117,6 +117,8 @@ def _block_logits(h: jax.Array, rows: jax.Array) -> jax.Array:
 
 
 def _head_forward(hidden, table, targets, divisor, chunk, vocab_chunk, embed_axes):
+    """`head_cross_entropy`'s forward pass: (per-pack total [B], what the backward pass reads, with each slot's
+    log-normaliser logz [B, C])."""
     size, blocks = _row_blocks(table, vocab_chunk)
     occupied = _occupied_chunks(targets, chunk)
 
@@ -143,6 +145,8 @@ def _head_forward(hidden, table, targets, divisor, chunk, vocab_chunk, embed_axe
 
 
 def _head_backward(chunk, vocab_chunk, embed_axes, saved, grad):
+    """`head_cross_entropy`'s backward pass: the gradients of hidden [B, C, H] and table [V, H] (none for the
+    targets and divisors) from the per-pack cotangent grad [B]."""
     hidden, table, targets, divisor, logz = saved
     size, blocks = _row_blocks(table, vocab_chunk)
     scale = jnp.where(targets != IGNORE, grad[:, None] / divisor, 0.0)  # [B, C]
