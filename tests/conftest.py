@@ -6,9 +6,11 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Eight fake CPU devices for the whole test session, so multi-device tests are ordinary tests. XLA reads the flag
-# once, when jax loads, so it is set before the import below.
-os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
-                                                 "--xla_force_host_platform_device_count=8"]))
+# once, when jax loads, so it is set before the import below. Added once: pytest-xdist's workers inherit the
+# environment of the main process, which has run this file too.
+DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
+flags = os.environ.get("XLA_FLAGS", "").split()
+os.environ["XLA_FLAGS"] = " ".join(flags if DEVICES_FLAG in flags else [*flags, DEVICES_FLAG])
 
 import jax  # noqa: E402
 
