@@ -17,7 +17,6 @@ from test_train_data import write_tiny_dataset
 
 from omnidiff_jax import init_model
 from omnidiff_jax.checkpoint import export_checkpoint, import_checkpoint
-from omnidiff_jax.cli import main as omnidiff
 from omnidiff_jax.convert.keymap import flatten
 from omnidiff_jax.train.checkpoints import load_run_params
 
@@ -134,7 +133,8 @@ def test_training_moves_between_process_counts_and_survives_a_killed_process(env
 def test_generate_over_two_processes_matches_one(env, tmp_path):
     """`omnidiff generate --requests` on 2 processes x 4 devices, the batch split over data (2, across the
     processes) and the model over fsdp (4), sampling at temperature 1: the manifest (written by process 0 alone)
-    equals the one-process run's on the same mesh, here."""
+    equals a one-process run's on the same mesh through the same launcher. (A run without the launcher uses XLA's
+    in-process CPU collectives instead of gloo, whose float sums may round differently.)"""
     requests = tmp_path / "requests.jsonl"
     prompts = ([1, 2, 3], [4, 5], [6, 7, 8, 9], [10])
     requests.write_text("".join(json.dumps({"task": "text", "prompt_ids": p, "id": f"r{i}"}) + "\n"
@@ -143,7 +143,7 @@ def test_generate_over_two_processes_matches_one(env, tmp_path):
               "--temperature", "1", "--seed", "3", "--mesh", "2,4,1"]
     out = finish(launch(env, 2, *common, "--out", str(tmp_path / "two")))
     assert "[p1]" in out
-    assert omnidiff([*common, "--out", str(tmp_path / "one")]) == 0
+    finish(launch(env, 1, *common, "--out", str(tmp_path / "one")))  # the same collectives (gloo) as the two
     two = (tmp_path / "two" / "manifest.jsonl").read_text().splitlines()
     assert len(two) == len(prompts)
     assert len({tuple(json.loads(line)["ids"]) for line in two}) == len(prompts)  # sampled, not one repeated token
