@@ -116,6 +116,23 @@ def transfer_counts(gen_length, steps, boa=False):
     return counts
 
 
+def test_last_layer_on_chosen_columns_is_the_whole_pass_there(setup):
+    """The exact loop's model split (decode_functions: trunk, then last_layer on the columns a step reads) gives the
+    final hidden states of a pass over the whole canvas at those columns, rows with left padding included."""
+    jm = setup[1]
+    model = decode_functions(jm.config)
+    rng = np.random.default_rng(3)
+    length, pads = 40, np.array([0, 5])
+    embeds = model.embed(jm.params, jnp.asarray(rng.integers(0, 200, (2, length))))
+    segments = (np.arange(length)[None] < pads[:, None]).astype(np.int32)
+    positions = np.maximum(np.arange(length)[None] - pads[:, None], 0)
+    whole = np.asarray(model.hidden(jm.params, embeds, positions, segments))
+    columns = np.stack([np.sort(rng.choice(np.arange(5, length), 24, replace=False)) for _ in range(2)])
+    trunk = model.trunk(jm.params, embeds, positions, segments)
+    got = np.asarray(model.last_layer(jm.params, trunk, positions, segments, jnp.asarray(columns)))
+    np.testing.assert_allclose(got, np.take_along_axis(whole, columns[..., None], axis=1), rtol=1e-5, atol=1e-5)
+
+
 def test_schedule_follows_the_spec():
     # `generation_utils.py`: N = S gives 1 token per step; N = 2S gives 1, 2, ..., 2, 3; N = 21, S = 10 gives 2 x 9, 3;
     # 127 masks (BOA) in 128 steps: 1 per step, stopping after step 127
