@@ -83,33 +83,45 @@ def xla_attention(q, k, v, q_segments=None, k_segments=None):
     In bf16 this rounds as PyTorch's x86 CPU `scaled_dot_product_attention` (its flash kernel, the reference's
     path): fp32 scores scaled in fp32, the kernel's fast exponential (`_fast_exp`), the unnormalised weights
     rounded to bf16 for the PV matmul, fp32 accumulation, the fp32 output times the reciprocal of the weights' fp32
-    sum, one rounding at the end."""
+    sum, one rounding at the end. The kernel leaves the last (keys mod 16) keys to the exact exp; here that rule
+    counts, for each query, the keys it sees: the reference (batch 1) has no padding keys, and the sampler's
+    padding lies in a segment of its own, so a padded canvas rounds as the unpadded reference does. (PyTorch with a
+    packed-segment mask counts all Lk keys instead: segments of 50, 45 and 33 keys leave 0.4 % of outputs an ulp
+    off here.) Limit: over KV_BLOCK keys each block applies the rule to its own length, padding included, since
+    the reference's blocks would be of visible keys, not of canvas columns."""
     b, lq, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv  # query head h reads kv head h // g
     kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, Hkv, Lk, D]
     same = None if q_segments is None else jnp.equal(q_segments[:, :, None], k_segments[:, None, :])  # [B, Lq, Lk]
+    exact = None  # [B, Lq, Lk]: the keys the fast exponential leaves to the exact one, by rank among the visible
+    if same is not None and v.dtype.itemsize < 4 and k.shape[1] <= KV_BLOCK:
+        rank = jnp.cumsum(same, axis=-1, dtype=jnp.int32) - 1
+        exact = rank >= (rank[..., -1:] + 1) // 16 * 16
     if jax.default_backend() == "cpu":
         def one_head(args):
             i, qi = args  # qi [Lq, D] is query head i % Hq of row i // Hq
             row, head = i // hq, i % hq // g
-            return _attend(qi, kh[row, head], vh[row, head], None if same is None else same[row])
+            return _attend(qi, kh[row, head], vh[row, head], *(None if m is None else m[row] for m in (same, exact)))
 
         out = jax.lax.map(one_head, (jnp.arange(b * hq), q.transpose(0, 2, 1, 3).reshape(b * hq, lq, d)))
         return out.reshape(b, hq, lq, d).transpose(0, 2, 1, 3).astype(q.dtype)
     qh = q.reshape(b, lq, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * lq, d)
     if same is not None:  # [B, 1, g*Lq, Lk]: row r of a group is query position r % Lq
-        same = jnp.tile(same, (1, g, 1))[:, None]
-    out = _attend(qh, kh, vh, same)  # [B, Hkv, g*Lq, D]
+        same, exact = (None if m is None else jnp.tile(m, (1, g, 1))[:, None] for m in (same, exact))
+    out = _attend(qh, kh, vh, same, exact)  # [B, Hkv, g*Lq, D]
     return out.reshape(b, hkv, g, lq, d).transpose(0, 3, 1, 2, 4).reshape(b, lq, hq, d).astype(q.dtype)
 
 
-def _attend(q, k, v, visible):
+def _attend(q, k, v, visible, exact=None):
     """softmax(q k^T / sqrt(D)) v in fp32 over [..., Lq, D] x [..., Lk, D]; `visible` [..., Lq, Lk] bool or None.
     Returns fp32. Keys go in blocks of KV_BLOCK with a running maximum (online softmax), as PyTorch's CPU kernel
-    takes them: the half-precision weights of a block are rounded relative to the maximum so far."""
+    takes them: the half-precision weights of a block are rounded relative to the maximum so far.
+
+    In half precision the weights are `_fast_exp`'s but for the keys `exact` [..., Lq, Lk] marks (Lk <= KV_BLOCK
+    only), which get the exact exp; with `exact=None` the last (block length mod 16) keys of each block do."""
     scale = jnp.float32(1 / math.sqrt(q.shape[-1]))
-    exp = _fast_exp if v.dtype.itemsize < 4 else jnp.exp
+    half = v.dtype.itemsize < 4
     out = total = peak = None
     for lo in range(0, k.shape[-2], KV_BLOCK):
         hi = min(lo + KV_BLOCK, k.shape[-2])
@@ -119,7 +131,10 @@ def _attend(q, k, v, visible):
         block_peak = scores.max(axis=-1, keepdims=True)  # [..., Lq, 1]
         new_peak = block_peak if peak is None else jnp.maximum(peak, block_peak)
         shift = jnp.where(new_peak > -jnp.inf, new_peak, 0.0)  # rows with no visible key yet get weights 0
-        weights = exp(scores - shift)
+        weights = jnp.exp(scores - shift)
+        if half:
+            tail = jnp.arange(hi - lo) >= (hi - lo) // 16 * 16 if exact is None else exact
+            weights = jnp.where(tail, weights, _fast_exp(scores - shift))
         pv = jnp.matmul(weights.astype(v.dtype), v[..., lo:hi, :], preferred_element_type=jnp.float32)
         if out is None:
             out, total = pv, weights.sum(axis=-1, keepdims=True)
@@ -132,11 +147,12 @@ def _attend(q, k, v, visible):
 
 @jax.custom_jvp
 def _fast_exp(x):
-    """exp(x) for x <= 0 [..., Lk] as PyTorch's CPU flash attention computes its half-precision softmax
+    """exp(x) for x <= 0 as PyTorch's CPU flash attention computes its half-precision softmax
     (`Vectorized<float>::fexp_u20`, after Malossi et al., "Fast exponential computation on SIMD architectures"):
     2^(x log2 e) with the fraction's correction a cubic, assembled in the float's bit pattern, ~1e-4 relative error.
-    The kernel takes keys 16 at a time; the last Lk % 16 get the exact exp. Rounding the weights to bf16 makes the
-    difference visible: with jnp.exp ~2 % of the attention outputs differ from the reference's by one ulp."""
+    The kernel takes keys 16 at a time and leaves the last (keys mod 16) to the exact exp (`_attend`). Rounding the
+    weights to bf16 makes the difference visible: with jnp.exp ~2 % of the attention outputs differ from the
+    reference's by one ulp."""
     log2e = jnp.float32(1.4426950408889634)  # 0x3fb8aa3b
     t = x * log2e
     frac = t - jnp.floor(t)
@@ -144,9 +160,7 @@ def _fast_exp(x):
                   + jnp.float32(0.30354260500649682)) * frac + jnp.float32(0.00010703434948458272)
     bits = ((t - correction) * jnp.float32(2**23) + jnp.float32(127 * 2**23)).astype(jnp.int32)
     below = x < jnp.float32(-87.33654475)  # ln(FLT_MIN), 0xc2aeac50: the kernel flushes these to 0
-    fast = jnp.where(below, 0.0, jax.lax.bitcast_convert_type(bits, jnp.float32))
-    vectorised = jnp.arange(x.shape[-1]) < x.shape[-1] // 16 * 16
-    return jnp.where(vectorised, fast, jnp.exp(x))
+    return jnp.where(below, 0.0, jax.lax.bitcast_convert_type(bits, jnp.float32))
 
 
 @_fast_exp.defjvp
