@@ -418,16 +418,17 @@ def _restore_chunks(path: str | os.PathLike, target: Mapping[str, jax.ShapeDtype
 
 def _load(path: Path, chunk: dict, partial: bool) -> dict:
     """One orbax read of the flat `chunk`; a damaged file raises `_damaged`'s one line, and nothing else reaches
-    stderr (`_AbandonedReads`)."""
+    stderr (`_AbandonedReads`, installed before the read: TensorStore's threads may complete the other reads of a
+    failed call before orbax's error reaches this function)."""
+    if not isinstance(sys.unraisablehook, _AbandonedReads):
+        sys.unraisablehook = _AbandonedReads(sys.unraisablehook)
+    if not isinstance(sys.excepthook, _AbandonedReads):
+        sys.excepthook = _AbandonedReads(sys.excepthook)
     try:
         with _context(partial_load=partial):
             return flatten(ocp.load(path / PARAMS_DIR, unflatten(chunk)))
     except Exception as e:  # noqa: BLE001 - orbax and TensorStore raise many types for damaged files
         failure = _damaged(path, e)
-    if not isinstance(sys.unraisablehook, _AbandonedReads):
-        sys.unraisablehook = _AbandonedReads(sys.unraisablehook)
-    if not isinstance(sys.excepthook, _AbandonedReads):
-        sys.excepthook = _AbandonedReads(sys.excepthook)
     gc.collect()  # the failed call's other reads, left in its closed event loop, are closed here
     raise failure
 
