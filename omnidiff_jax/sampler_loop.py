@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from omnidiff_jax import sharding
 from omnidiff_jax.models.dream import DecodeFunctions
+from omnidiff_jax.models.layers import round_to
 from omnidiff_jax.sampler_plan import CANVAS, PROMPT, Plan
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy", "entropy-penalty")
@@ -363,16 +364,9 @@ def _shortlister(mesh, variant: Variant, batch: int):
 # ----------------------------------------------------------------------------------- the reference's filters
 
 def _round(x, dtype):
-    """Rounds a float32 intermediate to the logits dtype, where the reference's bf16 math rounds.
-
-    For bfloat16 this is round-to-nearest-even on the bits: a cast pair would be folded away under jit, since XLA
-    may keep excess precision."""
-    x = x.astype(jnp.float32)
-    if dtype != jnp.bfloat16:
-        return x.astype(dtype).astype(jnp.float32)
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    bits = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1))) & jnp.uint32(0xFFFF0000)
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+    """Rounds an intermediate to the logits dtype, where the reference's bf16 math rounds, and returns it in
+    float32 (`models.layers.round_to`, which keeps the rounding inside XLA's fusions)."""
+    return round_to(x, dtype).astype(jnp.float32)
 
 
 def _top_k(x, count: int, vocab_axes):
