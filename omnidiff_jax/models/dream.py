@@ -161,10 +161,8 @@ class Attention(nn.Module):
         return out, (None if cache is None else (k, v))
 
 
-def take_columns(x: jax.Array | None, columns: jax.Array) -> jax.Array | None:
-    """x [B, L, ...] at the columns [B, W] of each row: [B, W, ...] (None stays None)."""
-    if x is None:
-        return None
+def take_columns(x: jax.Array, columns: jax.Array) -> jax.Array:
+    """x [B, L, ...] at the columns [B, W] of each row: [B, W, ...]."""
     return jnp.take_along_axis(x, columns.reshape(columns.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
