@@ -60,7 +60,7 @@ def supervised_slots(labels: jax.Array, chunk: int) -> tuple[jax.Array, jax.Arra
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def head_cross_entropy(hidden: jax.Array, table: jax.Array, targets: jax.Array, divisor: jax.Array,
-                       chunk: int, vocab_chunk: int, embed_axes: tuple[str, ...] = ()) -> jax.Array:
+                       chunk: int, vocab_chunk: int, embed_axes: tuple[str, ...]) -> jax.Array:
     """Per pack [B]: sum over slots j with a target of CE(logits[:, j], targets[:, j]) / divisor[:, j], where
     logits = hidden @ table.T in the table's dtype, upcast to float32 (`Dream.logits` and the loss's upcast).
 
