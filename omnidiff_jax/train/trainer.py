@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from omnidiff_jax import sharding
 from omnidiff_jax.config import dream_config, token_layout
-from omnidiff_jax.model import abstract_dream, param_shardings
+from omnidiff_jax.model import abstract_dream
 from omnidiff_jax.models.dream import Dream, DreamConfig
 from omnidiff_jax.train import checkpoints, data
 from omnidiff_jax.train.init import initial_params as default_params
@@ -107,13 +107,14 @@ class Trainer:
             raise ValueError(f"train.micro_batch {t.micro_batch} must be a multiple of the data x fsdp mesh size "
                              f"{split} and of the data streams {self.streams}")
         self.workdir = Path(t.workdir)
+        self.dream_shapes = abstract_dream(self.model_cfg)  # traced once: shapes and logical axes of Dream's params
         self.state_shardings = self._state_shardings()
         self.step_fn = jax.jit(self._step, donate_argnums=0, out_shardings=(self.state_shardings, replicated))
 
     # ------------------------------------------------------------------ state
     def abstract_state(self) -> TrainState:
         """Shapes and dtypes of the state (trainable trees: "dream", plus the speech projector if any)."""
-        params = {"dream": nn.meta.unbox(abstract_dream(self.model_cfg))}
+        params = {"dream": nn.meta.unbox(self.dream_shapes)}
         if self.speech is not None:
             dtype = self.model_cfg.param_dtype  # init_state casts every trainable tree to it
             params.update(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), self.speech.params))
@@ -125,7 +126,7 @@ class Trainer:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         abstract = self.abstract_state()
         params = jax.tree.map(lambda _: replicated, abstract.params)
-        params["dream"] = param_shardings(self.model_cfg, self.mesh)
+        params["dream"] = sharding.param_shardings(self.dream_shapes, self.mesh)
         opt = optax.tree_map_params(self.tx, lambda _, s: s, abstract.opt_state, params,
                                     transform_non_params=lambda _: replicated)
         return TrainState(step=replicated, params=params, opt_state=opt, rng=replicated)
