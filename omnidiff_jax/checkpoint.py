@@ -35,7 +35,7 @@ from typing import Callable, Iterator, Mapping
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from omnidiff_jax.convert import orbax_io
 from omnidiff_jax.convert.dream import check_field_types, hf_config, read_hf_config
@@ -47,7 +47,7 @@ from omnidiff_jax.convert.omni import (INDEX_FILE, LLM_GROUP, SPEECH_GROUP, Para
 from omnidiff_jax.convert.sources import CheckpointError, Source, open_source, read_json, write_safetensors
 from omnidiff_jax.model import OmniModel
 from omnidiff_jax.models.dream import DreamConfig
-from omnidiff_jax.sharding import logical_to_spec
+from omnidiff_jax.sharding import named_sharding
 from omnidiff_jax.speech_in import SpeechInput
 from omnidiff_jax.vocab import TokenLayout
 
@@ -147,8 +147,7 @@ def _shardings(group: ParamGroup, mesh: Mesh | None) -> dict[str, jax.sharding.S
     (the LLM's), the rest replicated; on the default device without a mesh."""
     if mesh is None:
         return dict.fromkeys(group.target, SingleDeviceSharding(jax.devices()[0]))
-    return {p: NamedSharding(mesh, logical_to_spec(group.axes.get(p, ()), t.shape, mesh))
-            for p, t in group.target.items()}
+    return {p: named_sharding(group.axes.get(p, ()), t.shape, mesh) for p, t in group.target.items()}
 
 
 def _tokenizer(folder: Path) -> str | None:

@@ -95,11 +95,17 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
     return PartitionSpec(*spec)
 
 
+def named_sharding(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                   rules=LOGICAL_RULES) -> NamedSharding:
+    """The NamedSharding of one array on `mesh` from its logical axis names (`logical_to_spec`)."""
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+
+
 def param_shardings(abstract_params, mesh: Mesh, rules=LOGICAL_RULES):
     """NamedShardings for a tree of boxed (logically partitioned) abstract params, e.g. from `jax.eval_shape(init)`."""
     specs = nn.get_partition_spec(abstract_params)
     shapes = nn.meta.unbox(abstract_params)
-    return jax.tree.map(lambda spec, x: NamedSharding(mesh, logical_to_spec(tuple(spec), x.shape, mesh, rules)),
+    return jax.tree.map(lambda spec, x: named_sharding(tuple(spec), x.shape, mesh, rules),
                         specs, shapes, is_leaf=lambda s: isinstance(s, PartitionSpec))
 
 
@@ -124,7 +130,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if current is None:
         return x
     mesh, rules = current
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))
+    return jax.lax.with_sharding_constraint(x, named_sharding(names, x.shape, mesh, rules))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
