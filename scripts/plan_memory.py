@@ -170,8 +170,7 @@ def plan(cfg, mesh) -> dict:
     """Per-device memory of the config's compiled train step on `mesh` (bytes), and the compile time."""
     speech, frozen = abstract_speech(cfg) if cfg.data.max_audios else (None, {})
     trainer = Trainer(cfg, speech=speech, mesh=mesh)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         trainer.abstract_state(), trainer.state_shardings)
+    state = trainer.sharded_abstract_state()
     replicated = NamedSharding(mesh, PartitionSpec())
     frozen = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), frozen)
     batch = abstract_batch(cfg, mesh)

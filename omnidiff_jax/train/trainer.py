@@ -122,6 +122,11 @@ class Trainer:
                           opt_state=jax.eval_shape(self.tx.init, params),
                           rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
 
+    def sharded_abstract_state(self) -> TrainState:
+        """`abstract_state` with each leaf's sharding on the mesh: a restore target, or a compile input."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state(),
+                            self.state_shardings)
+
     def _state_shardings(self) -> TrainState:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         abstract = self.abstract_state()
@@ -214,9 +219,7 @@ class Trainer:
                 initial_params = default_params(self.cfg, self.model_cfg, self.mesh)
             state = self.init_state(initial_params)
         else:
-            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  self.abstract_state(), self.state_shardings)
-            state = checkpoints.restore(manager, latest, target, iterator)
+            state = checkpoints.restore(manager, latest, self.sharded_abstract_state(), iterator)
             log.info("resumed from step %d", latest)
         start = int(state.step)
         metrics_log = MetricsLog(self.workdir / "metrics.jsonl", start)
