@@ -60,6 +60,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 import omnidiff_jax.models.dream as dream_module  # noqa: E402
 from omnidiff_jax import sharding  # noqa: E402
 from omnidiff_jax.config import load_config, token_layout  # noqa: E402
+from omnidiff_jax.files import write_text  # noqa: E402
 from omnidiff_jax.models import projector, sensevoice  # noqa: E402
 from omnidiff_jax.speech_in import SpeechInput  # noqa: E402
 from omnidiff_jax.train import data  # noqa: E402
@@ -244,8 +245,8 @@ def main(args: argparse.Namespace) -> None:
             print(f"largest micro-batch with remat={policy} on {gb:g} GB: {max(fitting) if fitting else 'none fits'}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"config": args.config, "devices": args.devices,
-                                               "device_gb": args.device_gb, "rows": rows}, indent=2))
+        write_text(args.json, json.dumps({"config": args.config, "devices": args.devices,
+                                          "device_gb": args.device_gb, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
