@@ -150,15 +150,15 @@ def abstract_speech(cfg):
     return dataclasses.replace(speech, frozen={}), speech.frozen
 
 
-def abstract_batch(cfg, mesh) -> dict:
-    """One step's packs [accum, micro_batch, ...] as the trainer lays them out (split over data x fsdp)."""
+def abstract_batch(trainer: Trainer) -> dict:
+    """One step's packs [accum, micro_batch, ...] as the trainer lays them out (`Trainer.batch_sharding`)."""
+    cfg = trainer.cfg
     layout = token_layout(cfg)
     spec = data.PackSpec(cfg.data.seq_len, layout.pad, cfg.data.max_audios, cfg.data.max_audio_frames)
     one = spec.pack([{"input_ids": np.zeros(1, np.int32), "labels": np.full(1, data.IGNORE, np.int32),
                       "mask_prob": np.zeros(1, np.float32)}], 0)
     lead = (cfg.train.grad_accum, cfg.train.micro_batch)
-    return {k: jax.ShapeDtypeStruct(lead + v.shape, v.dtype, sharding=NamedSharding(
-                mesh, PartitionSpec(None, ("data", "fsdp"), *([None] * v.ndim))))
+    return {k: jax.ShapeDtypeStruct(lead + v.shape, v.dtype, sharding=trainer.batch_sharding(v.ndim + 2))
             for k, v in one.items() if k not in HOST_KEYS}
 
 
@@ -174,7 +174,7 @@ def plan(cfg, mesh) -> dict:
     state = trainer.sharded_abstract_state()
     replicated = NamedSharding(mesh, PartitionSpec())
     frozen = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), frozen)
-    batch = abstract_batch(cfg, mesh)
+    batch = abstract_batch(trainer)
     began = time.perf_counter()
     memory = trainer.step_fn.lower(state, batch, frozen).compile().memory_analysis()
     inputs = memory.argument_size_in_bytes

@@ -183,10 +183,13 @@ class Trainer:
             if key in HOST_KEYS:
                 continue
             local = value.reshape(accum, -1, *value.shape[1:])
-            spec = PartitionSpec(None, ("data", "fsdp"), *([None] * (local.ndim - 2)))
             out[key] = jax.make_array_from_process_local_data(
-                NamedSharding(self.mesh, spec), local, (accum, micro, *value.shape[1:]))
+                self.batch_sharding(local.ndim), local, (accum, micro, *value.shape[1:]))
         return out
+
+    def batch_sharding(self, ndim: int) -> NamedSharding:
+        """Where a batch array [accum, micro_batch, ...] of `ndim` axes lives: its packs split over data x fsdp."""
+        return NamedSharding(self.mesh, PartitionSpec(None, ("data", "fsdp"), *([None] * (ndim - 2))))
 
     # ------------------------------------------------------------------ data
     def data_iterator(self) -> data.Streams:
