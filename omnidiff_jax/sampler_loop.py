@@ -41,6 +41,7 @@ from omnidiff_jax.sampler_plan import CANVAS, PROMPT, Plan
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy", "entropy-penalty")
 CACHES = ("prefix", "dual")
 TOP_K_CHUNK = 128  # vocabulary chunk of `chunked_top_k`
+MIN_TOP_K_CHUNK = 32  # the smallest chunk `_top_k_chunk` picks on CPU
 TIE_ROOM = 16  # candidates kept beyond top_k, so logits tied with the top_k-th are kept as the reference keeps them
 POSITION_PENALTY_FREE_ROWS = 100  # the first 100 rows are never position-penalised
 MIN_HEAD_WIDTH = 8  # the narrowest head
@@ -370,9 +371,11 @@ def _round(x, dtype):
 
 
 def _top_k(x, count: int, vocab_axes):
-    """`lax.top_k` over the last (vocabulary) axis. When that axis is split over `vocab_axes`, each device takes
-    its own top `count` first and only those candidates are gathered. Ties go to the lower id either way."""
-    top_k = chunked_top_k if jax.default_backend() == "gpu" else jax.lax.top_k  # CPU's top_k does not sort
+    """`lax.top_k` over the last (vocabulary) axis, through `chunked_top_k` where that is faster (`_top_k_chunk`).
+    When that axis is split over `vocab_axes`, each device takes its own top `count` first and only those
+    candidates are gathered. Ties go to the lower id either way."""
+    chunk = _top_k_chunk(x.shape[-1])
+    top_k = jax.lax.top_k if chunk is None else functools.partial(chunked_top_k, chunk=chunk)
     if vocab_axes is None:
         return top_k(x, count)
     part = x.shape[-1]
@@ -384,13 +387,25 @@ def _top_k(x, count: int, vocab_axes):
     return values, jnp.take_along_axis(ids, pick, axis=-1)
 
 
+def _top_k_chunk(n: int) -> int | None:
+    """The chunk `_top_k` runs `chunked_top_k` with over n logits, or None for a plain `lax.top_k`. GPUs sort for
+    `lax.top_k`, so chunks pay there at any size (the last one padded). CPU's `lax.top_k` does not sort, and
+    chunks pay there only unpadded (3x at 176,264 logits; padding would copy every row): the largest divisor of n
+    from MIN_TOP_K_CHUNK to TOP_K_CHUNK, if there is one."""
+    if jax.default_backend() == "gpu":
+        return TOP_K_CHUNK
+    if jax.default_backend() != "cpu":
+        return None
+    return next((c for c in range(TOP_K_CHUNK, MIN_TOP_K_CHUNK - 1, -1) if n % c == 0), None)
+
+
 def chunked_top_k(x, count: int, chunk: int = TOP_K_CHUNK):
     """`lax.top_k(x, count)` over the last axis, exactly (ties to the lower index), without sorting it whole.
 
     The `count` largest entries lie in the `count` chunks with the largest maxima: an entry outside them is
     outranked by each of those maxima (larger, or equal and at a lower index). So only those chunks, kept in
-    index order, go through `lax.top_k`. GPUs sort for `lax.top_k`: on an H100, 2048 rows of a 176k vocabulary
-    take 2.1 ms instead of 25 ms (on CPU, where `lax.top_k` does not sort, this would be 3x slower).
+    index order, go through `lax.top_k`. On an H100, 2048 rows of a 176k vocabulary take 2.1 ms instead of 25 ms
+    (GPUs sort for `lax.top_k`); on CPU, 256 rows take 19 ms instead of 56 ms in chunks of 88.
     """
     n = x.shape[-1]
     if n <= 4 * chunk * count:
@@ -405,15 +420,14 @@ def chunked_top_k(x, count: int, chunk: int = TOP_K_CHUNK):
     return values, jnp.take_along_axis(best, pick // chunk, axis=-1) * chunk + pick % chunk
 
 
-def _logsumexp(x, vocab_axes):
-    """logsumexp over the last axis, reduced across `vocab_axes` when it is split."""
-    top = jnp.max(x, axis=-1, keepdims=True)
-    if vocab_axes is not None:
-        top = jax.lax.pmax(top, vocab_axes)
-    total = jnp.sum(jnp.exp(x - top), axis=-1, keepdims=True)
+def _logsumexp(x, top, vocab_axes):
+    """float32 logsumexp over the last axis of x, whose maximum (over every device of `vocab_axes` when the axis is
+    split) is `top` [...]: the shortlist's best value, so that no pass over x is spent finding it."""
+    top = top.astype(jnp.float32)[..., None]
+    total = jnp.sum(jnp.exp(x.astype(jnp.float32) - top), axis=-1, keepdims=True)
     if vocab_axes is not None:
         total = jax.lax.psum(total, vocab_axes)
-    return top + jnp.log(total)
+    return (top + jnp.log(total))[..., 0]
 
 
 def _generated_ids(tokens, mask_id: int, vocab_size: int):
@@ -439,11 +453,20 @@ def sample_tokens(logits, rank, n, generated, knobs: Knobs, repeat_penalty, gumb
 
 def _shortlist(logits, temperature, count: int, vocab_axes):
     """The vocabulary-wide half of `sample_tokens`: the temperature-scaled logits' `count` best values (in the
-    logits dtype) and ids [..., K], descending with ties to the lower id, and their float32 logsumexp [...]."""
+    logits dtype) and ids [..., K], descending with ties to the lower id, and their float32 logsumexp [...].
+
+    At temperature 0 the scaled logits are the logits (divided by 1 and rounded to their own dtype), so that branch
+    reads them as they are instead of writing a scaled copy of every row."""
     dtype = logits.dtype
-    scaled = _round(logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0), dtype)
-    values, ids = _top_k(scaled, count, vocab_axes)
-    return values.astype(dtype), ids, _logsumexp(scaled, vocab_axes)[..., 0]  # values are in dtype already
+
+    def shortlist(x):  # x: the scaled logits, in the logits dtype
+        values, ids = _top_k(x, count, vocab_axes)
+        # their max is values[..., 0]; slicing that out would fold into top_k's own slice of the vocabulary's
+        # sort, and XLA then leaves that sort whole instead of rewriting it into a top-k
+        return values, ids, _logsumexp(x, jnp.max(values, axis=-1), vocab_axes)
+
+    scaled = lambda x: shortlist(round_to(x.astype(jnp.float32) / temperature, dtype))  # noqa: E731
+    return jax.lax.cond(temperature > 0, scaled, shortlist, logits)
 
 
 def _pick(values, ids, logsumexp, rank, n, generated, knobs: Knobs, repeat_penalty, gumbel, top_k: int | None):
