@@ -46,7 +46,7 @@ from omnidiff_jax.convert.omni import (INDEX_FILE, LLM_GROUP, SPEECH_GROUP, Para
                                        stored_config)
 from omnidiff_jax.convert.sources import CheckpointError, Source, open_source, read_json, write_safetensors
 from omnidiff_jax.model import OmniModel
-from omnidiff_jax.models.dream import DreamConfig
+from omnidiff_jax.models.dream import DreamConfig, unstack_layers
 from omnidiff_jax.sharding import named_sharding
 from omnidiff_jax.speech_in import SpeechInput
 from omnidiff_jax.vocab import TokenLayout
@@ -116,7 +116,8 @@ def _load_reference(path: Path, dtype: str | None, mesh: Mesh | None, overrides:
     for group, part in zip(groups, split_source(source, groups)):
         dtype_of = cfg.param_dtype if group.name == LLM_GROUP else speech[0].param_dtype
         params[group.name] = group.keymap.load(part, group.target, dtype=dtype_of, shardings=_shardings(group, mesh))
-    return OmniModel(cfg, layout, params[LLM_GROUP], mesh, _tokenizer(path), _speech_input(speech, params))
+    return OmniModel(cfg, layout, unstack_layers(params[LLM_GROUP], consume=True), mesh, _tokenizer(path),
+                     _speech_input(speech, params))
 
 
 def _load_orbax(path: Path, dtype: str | None, mesh: Mesh | None, overrides: dict) -> OmniModel:
@@ -129,8 +130,8 @@ def _load_orbax(path: Path, dtype: str | None, mesh: Mesh | None, overrides: dic
         target.update({f"{g.name}/{p}": jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=shardings[p])
                        for p, t in g.target.items()})
     params = split_groups(orbax_io.restore(path, target))
-    return OmniModel(cfg, layout, params[LLM_GROUP], mesh, _tokenizer(path / orbax_io.FILES_DIR),
-                     _speech_input(speech, params))
+    return OmniModel(cfg, layout, unstack_layers(params[LLM_GROUP], consume=True), mesh,
+                     _tokenizer(path / orbax_io.FILES_DIR), _speech_input(speech, params))
 
 
 def _with_dtype(cfg: DreamConfig, speech: Speech | None, dtype: str | None,
@@ -390,15 +391,19 @@ def export_checkpoint(src: str | os.PathLike | OmniModel, dst: str | os.PathLike
     dst = Path(dst)
     if isinstance(src, OmniModel):
         cfg, layout, files = src.config, src.layout, Path(src.tokenizer_path) if src.tokenizer_path else None
-        trees = {LLM_GROUP: src.params}
+        trees = {LLM_GROUP: {k: v for k, v in src.params.items() if k != "layers"}}
         speech = None
         if src.speech is not None:
             speech, trees[SPEECH_GROUP] = (src.speech.encoder, src.speech.projector), src.speech.params
         leaves = {f"{g}/{p}": v for g, tree in trees.items() for p, v in flatten(tree).items()}
         stored = {p: jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in leaves.items()}
+        # the per-layer leaves, stacked into the checkpoint layout on the host one leaf at a time when fetched
+        layers = [flatten(layer) for layer in src.params["layers"]]
+        layer_leaves = {f"{LLM_GROUP}/layers/{p}": [layer[p] for layer in layers] for p in layers[0]}
+        stored.update({p: jax.ShapeDtypeStruct((len(v), *v[0].shape), v[0].dtype) for p, v in layer_leaves.items()})
 
         def fetch(paths):
-            return {p: leaves[p] for p in paths}
+            return {p: np.stack(jax.device_get(layer_leaves[p])) if p in layer_leaves else leaves[p] for p in paths}
     else:
         src = Path(src)
         if not src.exists():

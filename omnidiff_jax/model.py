@@ -22,13 +22,17 @@ from omnidiff_jax import sharding
 from omnidiff_jax.attention import segment_ids_from_positions
 from omnidiff_jax.config import dream_config, get_config, token_layout
 from omnidiff_jax.models import abstract_params
-from omnidiff_jax.models.dream import Dream, DreamConfig
+from omnidiff_jax.models.dream import Dream, DreamConfig, decode_functions, unstack_layers
 from omnidiff_jax.vocab import TokenLayout
 
 
 @dataclasses.dataclass
 class OmniModel:
-    """A Dream model with its parameters. `params` is a plain nested dict of arrays (no Flax boxes)."""
+    """A Dream model with its parameters, laid out for inference.
+
+    `params` is a plain nested dict of arrays (no Flax boxes) whose `layers` entry is a tuple of per-layer trees
+    (`models.dream.unstack_layers`); parameters in the training layout (stacked layers) are split on construction.
+    """
 
     config: DreamConfig
     layout: TokenLayout
@@ -37,18 +41,17 @@ class OmniModel:
     tokenizer_path: str | None = None  # folder with the checkpoint's tokenizer files, if any
     speech: Any = None  # `speech_in.SpeechInput` (SenseVoice encoder + projector) when the checkpoint has one
 
-    @property
-    def module(self) -> Dream:
-        return Dream(self.config)
+    def __post_init__(self):
+        self.params = unstack_layers(self.params)
 
     @functools.cached_property
     def _forward(self):
-        module, mesh = self.module, self.mesh
+        model, mesh = decode_functions(self.config), self.mesh
 
         def forward(params, input_ids, inputs_embeds, positions, segment_ids, query_valid):
             with sharding.activate(mesh):
-                logits = module.apply({"params": params}, input_ids, inputs_embeds=inputs_embeds, positions=positions,
-                                      segment_ids=segment_ids, query_valid=query_valid)
+                embeds = model.embed(params, input_ids) if inputs_embeds is None else inputs_embeds
+                logits = model.logits(params, model.hidden(params, embeds, positions, segment_ids, query_valid))
             return logits.astype(jnp.float32)
 
         return jax.jit(forward)
@@ -82,8 +85,8 @@ class OmniModel:
 
     def embed(self, input_ids) -> jax.Array:
         """Token embeddings [B, L, H] in the compute dtype."""
-        ids = check_ids(input_ids, self.config.vocab_size, "input_ids")
-        return self.module.apply({"params": self.params}, ids, method=Dream.embed)
+        return decode_functions(self.config).embed(self.params, check_ids(input_ids, self.config.vocab_size,
+                                                                          "input_ids"))
 
 
 def check_ids(ids, vocab_size: int, name: str) -> jax.Array:
@@ -107,12 +110,13 @@ def _check_shape(x, shape, name):
 
 
 def abstract_dream(cfg: DreamConfig) -> dict:
-    """Dream's parameters for `cfg` as ShapeDtypeStructs in Flax's logical-axis boxes, allocating nothing."""
+    """Dream's parameters for `cfg` (training layout) as ShapeDtypeStructs in Flax's logical-axis boxes,
+    allocating nothing."""
     return abstract_params(Dream(cfg), jnp.zeros((1, 8), jnp.int32))
 
 
 def param_shardings(cfg: DreamConfig, mesh: Mesh) -> dict:
-    """NamedSharding per parameter (a plain nested dict) for `cfg` on `mesh`."""
+    """NamedSharding per parameter (a plain nested dict, training layout) for `cfg` on `mesh`."""
     return sharding.param_shardings(abstract_dream(cfg), mesh)
 
 
@@ -124,7 +128,7 @@ def init_model(config: str = "tiny", seed: int = 0, mesh: Mesh | None = None, **
     init = lambda key: nn.meta.unbox(Dream(cfg).init(key, ids)["params"])  # noqa: E731
     if mesh is not None:
         init = jax.jit(init, out_shardings=param_shardings(cfg, mesh))
-    return OmniModel(cfg, token_layout(cfg_dict), init(jax.random.key(seed)), mesh)
+    return OmniModel(cfg, token_layout(cfg_dict), unstack_layers(init(jax.random.key(seed)), consume=True), mesh)
 
 
 __all__ = ["OmniModel", "init_model", "check_ids", "abstract_dream", "param_shardings"]

@@ -2,6 +2,7 @@
 reference with the upstream state_dict names (tests/torch_ref/dream.py), in float32 at the highest precision."""
 
 import copy
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,8 @@ import torch
 import omnidiff_jax
 from omnidiff_jax.convert.keymap import ConversionError
 from omnidiff_jax.convert.sources import CheckpointError
-from omnidiff_jax.models.dream import KVCache, RMSNorm
+from omnidiff_jax.models.dream import (REMAT_POLICIES, Dream, KVCache, RMSNorm, decode_functions,
+                                       stack_layers)
 from torch_ref import dream as ref
 
 RTOL = 1e-5
@@ -163,12 +165,17 @@ def test_bf16_model_close_to_fp32(pair):
 
 
 def test_remat_and_attention_backends_agree(pair):
+    """The training layout (`Dream`: the layer scan, under each remat policy) gives the inference layout's logits
+    (`OmniModel`: one layer after another)."""
     c, _, jm, folder = pair
     ids = ids_for(c, (1, 16), seed=7)
     base = np.asarray(jm.logits(ids))
-    for kw in ({"remat_policy": "full"}, {"remat_policy": "dots"}, {"attention_impl": "xla"}):
-        other = omnidiff_jax.load_model(folder, **kw)
-        np.testing.assert_allclose(np.asarray(other.logits(ids)), base, rtol=0, atol=1e-5)
+    stacked = stack_layers(jm.params)
+    for policy in REMAT_POLICIES:
+        got = Dream(jm.config.replace(remat_policy=policy)).apply({"params": stacked}, jnp.asarray(ids))
+        np.testing.assert_allclose(np.asarray(got), base, rtol=0, atol=1e-5)
+    other = omnidiff_jax.load_model(folder, attention_impl="xla")
+    np.testing.assert_allclose(np.asarray(other.logits(ids)), base, rtol=0, atol=1e-5)
     # cuDNN / splash run only on their platforms (scripts/gpu_check.sh compares cuDNN with XLA on a GPU)
     from omnidiff_jax.attention import auto_implementation
     assert auto_implementation(jnp.bfloat16) == {"cpu": "xla", "gpu": "cudnn", "tpu": "splash"}[jax.default_backend()]
@@ -182,10 +189,10 @@ def test_gradients_flow_through_remat(pair):
     ids = jnp.asarray(ids_for({"vocab_size": model.config.vocab_size}, (1, 8), seed=8))
 
     def loss(params, m):
-        return m.module.apply({"params": params}, ids).astype(jnp.float32).mean()
+        return Dream(m.config).apply({"params": params}, ids).astype(jnp.float32).mean()
 
-    g_remat = jax.grad(loss)(model.params, model)
-    g_plain = jax.grad(loss)(jm.params, jm)
+    g_remat = jax.grad(loss)(stack_layers(model.params), model)
+    g_plain = jax.grad(loss)(stack_layers(jm.params), jm)
     for a, b in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g_plain)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
@@ -198,22 +205,20 @@ def test_kv_cache_windows_match_the_full_pass(pair):
     positions = np.broadcast_to(np.arange(24), (2, 24))
     segments = np.zeros((2, 24), np.int32)
     segments[1, 20:] = 1  # row 1 has 4 padding columns
-    apply = jax.jit(lambda *a, **kw: jm.module.apply({"params": jm.params}, None, return_hidden=True, *a, **kw))
-    want = apply(inputs_embeds=x, positions=positions, segment_ids=segments)
-    full, cache = apply(inputs_embeds=x, positions=positions, segment_ids=segments,
-                        cache=KVCache.empty(cfg, segments))
+    hidden = jax.jit(functools.partial(decode_functions(cfg).hidden, jm.params))
+    want = Dream(cfg).apply({"params": stack_layers(jm.params)}, inputs_embeds=x, positions=positions,
+                            segment_ids=segments, return_hidden=True)
+    full, cache = hidden(x, positions, segments, cache=KVCache.empty(cfg, segments))
     np.testing.assert_allclose(full, want, rtol=1e-5, atol=1e-5)
     # windows of 8 columns at a different start per row, attending to the rest through the cache
     start = np.array([10, 7])
     window = lambda a: np.stack([a[r, s:s + 8] for r, s in enumerate(start)])  # noqa: E731
-    part, updated = apply(inputs_embeds=window(x), positions=window(positions), segment_ids=window(segments),
-                          cache=cache, cache_start=start)
+    part, updated = hidden(window(x), window(positions), window(segments), cache=cache, start=start)
     np.testing.assert_allclose(part, window(np.asarray(want)), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(updated.k, cache.k, rtol=1e-5, atol=1e-6)  # the same tokens: the same keys
     # stale keys outside the window change the window's output (the cache is what it reads)
     stale = cache.replace(k=cache.k.at[:, :, :4].multiply(0.5))
-    part_stale, _ = apply(inputs_embeds=window(x), positions=window(positions), segment_ids=window(segments),
-                          cache=stale, cache_start=start)
+    part_stale, _ = hidden(window(x), window(positions), window(segments), cache=stale, start=start)
     assert np.abs(np.asarray(part_stale) - np.asarray(part)).max() > 1e-3
 
 

@@ -24,25 +24,26 @@ def test_sharded_forward_equals_single_device(tmp_path):
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     sharded = omnidiff_jax.load_model(folder, mesh=mesh)
     p = sharded.params
+    layer = p["layers"][1]  # the inference layout: one tree per layer, each sharded like its slice of the stack
     specs = {
         "embed": p["embed_tokens"]["embedding"].sharding.spec,
-        "q": p["layers"]["self_attn"]["q_proj"]["kernel"].sharding.spec,
-        "kv": p["layers"]["self_attn"]["k_proj"]["kernel"].sharding.spec,
-        "o": p["layers"]["self_attn"]["o_proj"]["kernel"].sharding.spec,
-        "gate": p["layers"]["mlp"]["gate_proj"]["kernel"].sharding.spec,
-        "down": p["layers"]["mlp"]["down_proj"]["kernel"].sharding.spec,
+        "q": layer["self_attn"]["q_proj"]["kernel"].sharding.spec,
+        "kv": layer["self_attn"]["k_proj"]["kernel"].sharding.spec,
+        "o": layer["self_attn"]["o_proj"]["kernel"].sharding.spec,
+        "gate": layer["mlp"]["gate_proj"]["kernel"].sharding.spec,
+        "down": layer["mlp"]["down_proj"]["kernel"].sharding.spec,
         "head": p["lm_head"]["embedding"].sharding.spec,
         "norm": p["norm"]["weight"].sharding.spec,
     }
     want = {
-        "embed": P("tensor", "fsdp"), "q": P(None, "fsdp", "tensor", None), "kv": P(None, "fsdp", "tensor", None),
-        "o": P(None, "tensor", None, "fsdp"), "gate": P(None, "fsdp", "tensor"), "down": P(None, "tensor", "fsdp"),
+        "embed": P("tensor", "fsdp"), "q": P("fsdp", "tensor", None), "kv": P("fsdp", "tensor", None),
+        "o": P("tensor", None, "fsdp"), "gate": P("fsdp", "tensor"), "down": P("tensor", "fsdp"),
         "head": P("tensor", "fsdp"), "norm": P(None),
     }
     assert specs == want
-    shard_shape = p["layers"]["mlp"]["gate_proj"]["kernel"].addressable_shards[0].data.shape
-    full_shape = p["layers"]["mlp"]["gate_proj"]["kernel"].shape
-    assert shard_shape == (full_shape[0], full_shape[1] // 2, full_shape[2] // 2), (shard_shape, full_shape)
+    shard_shape = layer["mlp"]["gate_proj"]["kernel"].addressable_shards[0].data.shape
+    full_shape = layer["mlp"]["gate_proj"]["kernel"].shape
+    assert shard_shape == (full_shape[0] // 2, full_shape[1] // 2), (shard_shape, full_shape)
     rng = np.random.RandomState(0)
     ids = rng.randint(0, single.config.vocab_size, (4, 16))
     pos = np.concatenate([np.arange(6), np.arange(10)])[None].repeat(4, 0)
@@ -54,7 +55,7 @@ def test_sharded_forward_equals_single_device(tmp_path):
         assert np.abs(a - b).max() / np.abs(a).max() < 1e-5
     # a mesh axis that does not divide a dimension falls back to replication instead of failing
     odd = omnidiff_jax.load_model(folder, mesh=make_mesh(data=1, fsdp=1, tensor=8))
-    assert odd.params["layers"]["self_attn"]["k_proj"]["kernel"].sharding.spec == P(None, None, None, None)
+    assert odd.params["layers"][0]["self_attn"]["k_proj"]["kernel"].sharding.spec == P(None, None, None)
     assert odd.params["lm_head"]["embedding"].sharding.spec == P("tensor", None)
     b = np.asarray(odd.logits(ids))
     assert np.abs(np.asarray(single.logits(ids)) - b).max() / np.abs(b).max() < 1e-5

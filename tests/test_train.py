@@ -24,6 +24,7 @@ from omnidiff_jax.cli import main as omnidiff
 from omnidiff_jax.config import apply_override, dream_config, get_config, load_config
 from omnidiff_jax.convert.keymap import flatten
 from omnidiff_jax.model import OmniModel, param_shardings
+from omnidiff_jax.models.dream import stack_layers
 from omnidiff_jax.sampler import sample
 from omnidiff_jax.sharding import make_mesh
 from omnidiff_jax.train import data, init, loss, optim
@@ -94,7 +95,7 @@ def test_loss_and_updates_match_the_reference(setup):
     clip 1.0, AdamW, the padding_idx row frozen); the first step's pack losses against HF's loss."""
     trainer, c = setup["trainer"], setup["c"]
     model = omnidiff_jax.load_model(setup["folder"])
-    state = trainer.init_state({"dream": model.params})
+    state = trainer.init_state({"dream": stack_layers(model.params)})
     torch_model = dream_ref.random_dream(c, seed=3)
     adamw = torch.optim.AdamW(torch_model.parameters(), lr=0.0, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     pad_row = np.asarray(model.params["embed_tokens"]["embedding"][LAYOUT.pad])
@@ -289,7 +290,7 @@ def test_export_goes_through_the_converter(setup, tmp_path):
     assert omnidiff(args) == 0
     exported, trained = omnidiff_jax.load_model(dst), load_run_params(workdir)["dream"]
     for path, leaf in flatten(trained).items():
-        np.testing.assert_array_equal(flatten(exported.params)[path], leaf, err_msg=path)
+        np.testing.assert_array_equal(flatten(stack_layers(exported.params))[path], leaf, err_msg=path)
     assert omnidiff(args) == 2  # the folder exists: refused without --force
 
 

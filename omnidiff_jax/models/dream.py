@@ -18,13 +18,15 @@ The output head is a [vocab, hidden] table used like a tied embedding (`nn.Embed
 [hidden, vocab] `Dense` kernel: the released checkpoint stores it that way, so importing, exporting and loading
 the 1.3 GB table needs no transpose, and the matmul is the same either way.
 
-Layers run under `nn.scan` (parameters stacked on a leading `layers` axis) with a configurable remat policy.
-Parameters and activations carry logical axis names; `omnidiff_jax.sharding` maps them to mesh axes.
+Two layouts of the same parameters: training runs the layers under `nn.scan` (stacked on a leading `layers`
+axis, the checkpoint layout) with a configurable remat policy; inference (`OmniModel`, the sampler) holds one tree
+per layer (`unstack_layers`) and `decode_functions` runs the layers one after another, so no pass copies a layer's
+weights out of a stack. Parameters and activations carry logical axis names; `omnidiff_jax.sharding` maps them to
+mesh axes.
 
-For the sampler's caches, a forward pass can take a `KVCache` (every layer's keys and values over a whole canvas)
+For the sampler's caches, a decode pass can take a `KVCache` (every layer's keys and values over a whole canvas)
 and run over a window of the canvas only: the window's keys and values are written in place and its queries
 attend to every column through the same attention backends and sharding constraints as a plain pass.
-`decode_functions` hands the model to the sampler's loop as functions (embed, hidden states, head).
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from typing import Any, Callable, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec
 
 from omnidiff_jax.attention import dot_product_attention
 from omnidiff_jax.models.layers import Dense, round_to
@@ -192,7 +196,7 @@ class DecoderLayer(nn.Module):
     config: DreamConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, query_valid, kv, key_segment_ids, start, queries=None):
+    def __call__(self, x, cos, sin, segment_ids, query_valid, kv=None, key_segment_ids=None, start=None, queries=None):
         """One pre-norm layer; kv: this layer's cached (k, v) or None (see `Attention`); queries: the columns [B, Wq]
         whose outputs are wanted (None: all). Returns (x, new kv)."""
         cfg = self.config
@@ -203,7 +207,7 @@ class DecoderLayer(nn.Module):
         x = x if queries is None else take_columns(x, queries)
         # h feeds the next norm (which reads it in float32) and the second residual add: by default XLA would give
         # them the unrounded float32 sum where PyTorch has a bf16 tensor (top-1 against the reference's bf16 logits
-        # 98.7 % instead of 99.8 %). Likewise `out` where the next norm reads it directly (the last layer run alone,
+        # 98.7 % instead of 99.8 %). Likewise `out` where the next norm reads it directly (layer after layer in
         # `decode_functions`); in the layer scan it is the carry, which XLA stores in bf16.
         h = round_to(x + attended, x.dtype)
         out = round_to(h + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(h)), x.dtype)
@@ -234,7 +238,8 @@ class KVCache:
 
 
 class Dream(nn.Module):
-    """The Dream LLM. `__call__` returns logits [B, L, V] in the compute dtype (or the final hidden states)."""
+    """The Dream LLM as it trains: layers under `nn.scan`, parameters stacked on a leading `layers` axis (the
+    checkpoint layout). `__call__` returns logits [B, L, V] in the compute dtype (or the final hidden states)."""
 
     config: DreamConfig
 
@@ -246,7 +251,7 @@ class Dream(nn.Module):
         if REMAT_POLICIES[cfg.remat_policy] is not None:
             layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
         self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                              in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
         self.lm_head = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
@@ -257,30 +262,17 @@ class Dream(nn.Module):
         return self.embed_tokens(input_ids)
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None, segment_ids=None, query_valid=None,
-                 return_hidden: bool = False, cache: KVCache | None = None, cache_start: jax.Array | None = None):
+                 return_hidden: bool = False):
         """input_ids [B, L] or inputs_embeds [B, L, H]; positions [B, L] (default arange);
-        segment_ids [B, L] (default: one segment); query_valid [B, L] bool (default: all valid).
-
-        cache: a `KVCache` over whole canvases of length >= L; the input is then the window of columns
-        [cache_start, cache_start + L) of each row (cache_start [B] int, default 0), attending to every cached
-        column (segment ids are then required), and the call returns (output, updated cache)."""
+        segment_ids [B, L] (default: one segment); query_valid [B, L] bool (default: all valid)."""
         cfg = self.config
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(cfg.dtype)
-        b, l = x.shape[:2]
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+        positions = _positions(x, positions)
         x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.dtype)
-        kv = key_segment_ids = None
-        if cache is not None:
-            kv, key_segment_ids = (cache.k, cache.v), cache.segment_ids
-            cache_start = jnp.zeros(b, jnp.int32) if cache_start is None else cache_start
-        x, kv = self.layers(x, cos, sin, segment_ids, query_valid, kv, key_segment_ids, cache_start)
+        x, _ = self.layers(x, cos, sin, segment_ids, query_valid)
         x = self.norm(x)
-        out = x if return_hidden else self.logits(x)
-        if cache is None:
-            return out
-        return out, cache.replace(k=kv[0], v=kv[1])
+        return x if return_hidden else self.logits(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final hidden states [B, L, H] -> logits [B, L, V] in the compute dtype."""
@@ -288,14 +280,92 @@ class Dream(nn.Module):
         return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 
+def _positions(x: jax.Array, positions: jax.Array | None) -> jax.Array:
+    """positions [B, L], by default 0..L-1 in every row of x [B, L, ...]."""
+    if positions is not None:
+        return positions
+    b, length = x.shape[:2]
+    return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+
+
+# ------------------------------------------------------------------------------------------ per-layer decoding
+
+def unstack_layers(params: dict, consume: bool = False) -> dict:
+    """Dream's parameters with the scan's stacked layer leaves [num_layers, ...] split into one tree per layer:
+    `params["layers"]` becomes a tuple, the layout `OmniModel` holds and `decode_functions` run on (MaxText's
+    unscanned layers for inference). A scan over stacked weights copies each layer's weights out of the stack on
+    every pass; with one buffer per layer nothing is copied (on CPU, `small`: the sampler's trunk 15 % faster).
+
+    Leaves are jax arrays (each layer keeps the leaf's sharding over its other axes) or NumPy arrays (split into
+    views). consume: delete each stacked jax array once it is split, so that memory peaks at the model plus one
+    leaf instead of twice the layers (for callers that own the tree, such as the loaders). A tree whose layers are
+    already split is returned as it is.
+    """
+    stacked = params["layers"]
+    if isinstance(stacked, tuple):
+        return params
+    leaves, treedef = jax.tree.flatten(stacked)
+    parts = []
+    for leaf in leaves:
+        parts.append(_split(leaf))
+        if consume and isinstance(leaf, jax.Array):
+            leaf.delete()
+    layers = tuple(jax.tree.unflatten(treedef, [p[i] for p in parts]) for i in range(len(parts[0])))
+    return {**params, "layers": layers}
+
+
+def _split(leaf) -> tuple:
+    """A stacked leaf [n, ...] as n arrays [...]; a sharded one keeps its sharding over the other axes."""
+    if not isinstance(leaf, jax.Array):
+        return tuple(leaf)
+    sharding = leaf.sharding
+    if isinstance(sharding, NamedSharding):
+        sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+    return jax.jit(tuple, out_shardings=sharding)(leaf)
+
+
+def stack_layers(params: dict) -> dict:
+    """The inverse of `unstack_layers`: per-layer trees stacked back into the scan's layout (training, export)."""
+    layers = params["layers"]
+    if not isinstance(layers, tuple):
+        return params
+    stack = lambda *xs: (jnp.stack if isinstance(xs[0], jax.Array) else np.stack)(xs)  # noqa: E731
+    return {**params, "layers": jax.tree.map(stack, *layers)}
+
+
+@struct.dataclass
+class KVCache:
+    """Every layer's keys (RoPE applied) and values over a whole canvas, with each column's segment id.
+
+    A forward pass given a cache covers a window of the canvas (columns [start, start + W) of each row): it writes
+    the window's keys and values in place and its queries attend to every column, the window's fresh keys and the
+    cached ones elsewhere. A pass over the whole canvas (start 0) fills the cache and computes exactly what a pass
+    without one does. Reusing the keys outside the window while their tokens change is an approximation: a prefix
+    cache windows everything after the prompt, a dual cache only the block being decoded.
+    """
+
+    k: jax.Array  # [layers, B, L, Hkv, D]
+    v: jax.Array  # [layers, B, L, Hkv, D]
+    segment_ids: jax.Array  # [B, L] int
+
+    @classmethod
+    def empty(cls, config: DreamConfig, segment_ids: jax.Array) -> KVCache:
+        """A zero cache for canvases laid out as `segment_ids` [B, L]."""
+        b, length = segment_ids.shape
+        shape = (config.num_layers, b, length, config.num_kv_heads, config.head_dim)
+        return cls(jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype), jnp.asarray(segment_ids))
+
+
 class DecodeFunctions(NamedTuple):
-    """Dream as a decode loop calls it: MaskGIT's `tokens_to_logits`, split where a diffusion sampler needs it
-    (the final hidden states of a window of the canvas, then the vocabulary head on only the columns it reads; or,
-    without a cache, every layer but the last over the canvas, then the last one on only the columns it reads)."""
+    """Dream as a decode loop calls it, on per-layer parameters (`unstack_layers`): MaskGIT's `tokens_to_logits`,
+    split where a diffusion sampler needs it (the final hidden states of the canvas, or of a window of it against a
+    `KVCache`; every layer but the last over the canvas, then the last one on only the columns a step reads; the
+    vocabulary head on only those columns)."""
 
     embed: Callable[[Any, jax.Array], jax.Array]  # (params, ids [B, L]) -> embeddings [B, L, H]
-    hidden: Callable[..., Any]  # (params, embeds [B, W, H], positions [B, W], segment_ids [B, W], cache, start [B])
-    #                             -> final hidden [B, W, H], or (hidden, updated cache) when a KVCache is given
+    hidden: Callable[..., Any]  # (params, embeds [B, W, H], positions [B, W] or None, segment_ids [B, W] or None,
+    #                             query_valid [B, W] or None, cache, start [B]) -> final hidden [B, W, H], or
+    #                             (hidden, updated cache) when a KVCache is given
     trunk: Callable[..., jax.Array]  # (params, embeds [B, L, H], positions [B, L], segment_ids [B, L])
     #                                  -> the hidden states entering the last layer [B, L, H]
     last_layer: Callable[..., jax.Array]  # (params, trunk's output [B, L, H], positions, segment_ids, columns [B, W])
@@ -306,28 +376,41 @@ class DecodeFunctions(NamedTuple):
 
 @functools.lru_cache(maxsize=None)
 def decode_functions(config: DreamConfig) -> DecodeFunctions:
-    """The `DecodeFunctions` of a Dream with this config (one object per config, so jit caches keyed on it hit)."""
+    """The `DecodeFunctions` of a Dream with this config (one object per config, so jit caches keyed on it hit).
+
+    The layers run one after another, each on its own parameters; the model's output is that of `Dream`'s scan."""
     module = Dream(config)
     layer = DecoderLayer(config)
     norm = RMSNorm(config.rms_norm_eps, config.dtype, config.param_dtype)
 
-    def hidden(params, embeds, positions, segment_ids, cache=None, start=None):
-        return module.apply({"params": params}, inputs_embeds=embeds, positions=positions, segment_ids=segment_ids,
-                            return_hidden=True, cache=cache, cache_start=start)
-
-    def run_layer(params, i, x, positions, segment_ids, queries=None):
-        """Layer i (the scan's parameters at index i) on x; Dream's pass, one layer at a time."""
+    def run_layers(params, layers, x, positions, segment_ids, query_valid=None, cache=None, start=None,
+                   queries=None):
+        """Layers `layers` (indices) over x, the last of them on only the `queries` columns when given."""
         cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta, config.dtype)
-        layer_params = jax.tree.map(lambda p: p[i], params["layers"])
-        return layer.apply({"params": layer_params}, x, cos, sin, segment_ids, None, None, None, None, queries)[0]
+        x = constrain(x.astype(config.dtype), ("activation_batch", "activation_length", "activation_embed"))
+        for i in layers:
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            key_segment_ids = None if cache is None else cache.segment_ids
+            x, kv = layer.apply({"params": params["layers"][i]}, x, cos, sin, segment_ids, query_valid, kv,
+                                key_segment_ids, start, queries if i == layers[-1] else None)
+            if cache is not None:
+                cache = cache.replace(k=cache.k.at[i].set(kv[0]), v=cache.v.at[i].set(kv[1]))
+        return x, cache
+
+    def hidden(params, embeds, positions=None, segment_ids=None, query_valid=None, cache=None, start=None):
+        if cache is not None and start is None:
+            start = jnp.zeros(embeds.shape[0], jnp.int32)
+        x, cache = run_layers(params, range(config.num_layers), embeds, _positions(embeds, positions), segment_ids,
+                              query_valid, cache, start)
+        x = norm.apply({"params": params["norm"]}, x)
+        return x if cache is None else (x, cache)
 
     def trunk(params, embeds, positions, segment_ids):
-        x = constrain(embeds.astype(config.dtype), ("activation_batch", "activation_length", "activation_embed"))
-        step = lambda x, i: (run_layer(params, i, x, positions, segment_ids), None)  # noqa: E731
-        return jax.lax.scan(step, x, jnp.arange(config.num_layers - 1))[0]
+        return run_layers(params, range(config.num_layers - 1), embeds, positions, segment_ids)[0]
 
     def last_layer(params, x, positions, segment_ids, columns):
-        x = run_layer(params, config.num_layers - 1, x, positions, segment_ids, columns)
+        x = run_layers(params, range(config.num_layers - 1, config.num_layers), x, positions, segment_ids,
+                       queries=columns)[0]
         return norm.apply({"params": params["norm"]}, x)
 
     return DecodeFunctions(

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from omnidiff_jax.checkpoint import load_dream_params, load_model
 from omnidiff_jax.convert.sources import CheckpointError
 from omnidiff_jax.model import param_shardings
-from omnidiff_jax.models.dream import Dream, DreamConfig
+from omnidiff_jax.models.dream import Dream, DreamConfig, stack_layers
 from omnidiff_jax.train.checkpoints import load_run_params
 
 INIT_KINDS = ("random", "dream", "omni", "checkpoint")
@@ -74,7 +74,8 @@ def initial_params(cfg: ml_collections.ConfigDict, model_cfg: DreamConfig, mesh:
         if model.config.replace(dtype=model_cfg.dtype, remat_policy=model_cfg.remat_policy,
                                 attention_impl=model_cfg.attention_impl) != model_cfg:
             raise CheckpointError(f"{cfg.init.path}: model {model.config} does not match the training config")
-        params = {"dream": model.params}
+        stack = jax.jit(stack_layers, out_shardings=None if mesh is None else param_shardings(model_cfg, mesh))
+        params = {"dream": stack(model.params)}
         if model.speech is not None:
             params["audio_projection"] = model.speech.params["projector"]
         return params
