@@ -36,7 +36,7 @@ import omnidiff_jax
 from omnidiff_jax.config import dream_config, get_config, token_layout
 from omnidiff_jax.convert.dream import hf_config
 from omnidiff_jax.model import abstract_dream
-from omnidiff_jax.models.dream import REMAT_POLICIES, Dream
+from omnidiff_jax.models.dream import REMAT_POLICIES, Dream, stack_layers
 from omnidiff_jax.train import data, loss
 from omnidiff_jax.train.settings import add_training, source
 from omnidiff_jax.train.trainer import Trainer, flops_per_token, peak_flops
@@ -162,9 +162,10 @@ def time_updates(args, seq_len: int) -> list[dict]:
     if torch_model is not None:
         with tempfile.TemporaryDirectory() as d:
             dream_ref.save_hf(torch_model, d, c)
-            params = omnidiff_jax.load_model(d, dtype="float32").params
+            model = omnidiff_jax.load_model(d, dtype="float32")
     else:
-        params = omnidiff_jax.init_model(args.config, num_layers=model_cfg.num_layers, param_dtype="float32").params
+        model = omnidiff_jax.init_model(args.config, num_layers=model_cfg.num_layers, param_dtype="float32")
+    params = stack_layers(model.params)  # the training layout
     slots = args.packs * seq_len
     flops = flops_per_token(model_cfg, seq_len) * slots
     peak = peak_flops(args.peak_tflops)
