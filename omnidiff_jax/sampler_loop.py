@@ -229,7 +229,7 @@ def _model_pass(model: DecodeFunctions, variant: Variant, params, plan: Plan, fi
 
     def refreshed(cache):
         embeds = _embeddings(model, params, plan, fixed, tokens, everything, length)
-        hidden, fresh = model.hidden(params, embeds, plan.positions, plan.segments, cache=cache, start=everything)
+        hidden, fresh = model.hidden(params, embeds, plan.positions, plan.segments, cache, everything)
         keep = refresh[None, :, None, None, None]
         cache = cache.replace(k=jnp.where(keep, fresh.k, cache.k), v=jnp.where(keep, fresh.v, cache.v))
         return window(hidden, start), cache
@@ -240,7 +240,7 @@ def _model_pass(model: DecodeFunctions, variant: Variant, params, plan: Plan, fi
     def windowed(fresh_hidden, cache):
         embeds = _embeddings(model, params, plan, fixed, tokens, start, width)
         hidden, cache = model.hidden(params, embeds, window(plan.positions, start), window(plan.segments, start),
-                                     cache=cache, start=start)
+                                     cache, start)
         return jnp.where(refresh[:, None, None], fresh_hidden, hidden), cache
 
     runs = step.runs[batch_row]
@@ -326,7 +326,7 @@ def _decide_columns(read, shortlist, knobs: Knobs, tokens, wanted, passed, gener
     def at_width(width: int):
         """The shortlist of the first `width` columns of `order`, padded to Nb, and those columns (Nb = dropped)."""
         columns = order[:, :width]
-        found = shortlist(read(columns), knobs.temperature, count)  # values, ids [B, W, K], logsumexp [B, W]
+        found = shortlist(read(columns), knobs, count)  # values, ids [B, W, K], logsumexp [B, W]
         target = jnp.where(jnp.take_along_axis(wanted, columns, axis=1), columns, nb)
         pad = lambda x, value=0: jnp.pad(x, [(0, 0), (0, nb - width)] + [(0, 0)] * (x.ndim - 2),  # noqa: E731
                                          constant_values=value)
@@ -355,10 +355,10 @@ def _shortlister(mesh, variant: Variant, batch: int):
     if vocab is not None and candidates(variant.vocab_size, variant.top_k) == variant.vocab_size:
         vocab = None  # a full sort needs the whole row on one device anyway
     row_col = PartitionSpec(rows, None)
-    shortlist = lambda logits, temperature, count: jax.shard_map(  # noqa: E731
+    shortlist = lambda logits, knobs, count: jax.shard_map(  # noqa: E731
         functools.partial(_shortlist, count=count, vocab_axes=vocab), mesh=mesh,
         in_specs=(PartitionSpec(rows, None, vocab), PartitionSpec()),
-        out_specs=(PartitionSpec(rows, None, None),) * 2 + (row_col,), check_vma=False)(logits, temperature)
+        out_specs=(PartitionSpec(rows, None, None),) * 2 + (row_col,), check_vma=False)(logits, knobs)
     return shortlist
 
 
@@ -447,13 +447,14 @@ def sample_tokens(logits, rank, n, generated, knobs: Knobs, repeat_penalty, gumb
     among the K = `candidates(V, top_k)` best logits; vocab_axes: the mesh axes the vocabulary is split over
     (inside shard_map), or None.
     """
-    values, ids, logsumexp = _shortlist(logits, knobs.temperature, gumbel.shape[-1], vocab_axes)
+    values, ids, logsumexp = _shortlist(logits, knobs, gumbel.shape[-1], vocab_axes)
     return _pick(values, ids, logsumexp, rank, n, generated, knobs, repeat_penalty, gumbel, top_k)[:2]
 
 
-def _shortlist(logits, temperature, count: int, vocab_axes):
+def _shortlist(logits, knobs: Knobs, count: int, vocab_axes):
     """The vocabulary-wide half of `sample_tokens`: the temperature-scaled logits' `count` best values (in the
-    logits dtype) and ids [..., K], descending with ties to the lower id, and their float32 logsumexp [...].
+    logits dtype) and ids [..., K], descending with ties to the lower id, and their float32 logsumexp [...] (which
+    only top-p reads: 0 when top_p >= 1).
 
     At temperature 0 the scaled logits are the logits (divided by 1 and rounded to their own dtype), so that branch
     reads them as they are instead of writing a scaled copy of every row."""
@@ -463,10 +464,13 @@ def _shortlist(logits, temperature, count: int, vocab_axes):
         values, ids = _top_k(x, count, vocab_axes)
         # their max is values[..., 0]; slicing that out would fold into top_k's own slice of the vocabulary's
         # sort, and XLA then leaves that sort whole instead of rewriting it into a top-k
-        return values, ids, _logsumexp(x, jnp.max(values, axis=-1), vocab_axes)
+        top = jnp.max(values, axis=-1)
+        unused = lambda x, top: jnp.zeros(top.shape, jnp.float32)  # noqa: E731
+        logsumexp = functools.partial(_logsumexp, vocab_axes=vocab_axes)
+        return values, ids, jax.lax.cond(knobs.top_p < 1, logsumexp, unused, x, top)
 
-    scaled = lambda x: shortlist(round_to(x.astype(jnp.float32) / temperature, dtype))  # noqa: E731
-    return jax.lax.cond(temperature > 0, scaled, shortlist, logits)
+    scaled = lambda x: shortlist(round_to(x.astype(jnp.float32) / knobs.temperature, dtype))  # noqa: E731
+    return jax.lax.cond(knobs.temperature > 0, scaled, shortlist, logits)
 
 
 def _pick(values, ids, logsumexp, rank, n, generated, knobs: Knobs, repeat_penalty, gumbel, top_k: int | None):

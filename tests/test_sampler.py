@@ -395,9 +395,22 @@ def test_shortlist_is_the_stable_sort_head_with_vocabulary_chunks_and_a_split_vo
     want_lse = (top + np.log(np.exp(scaled - top).sum(axis=-1, keepdims=True)))[..., 0]
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     variant = Variant(0, logits.shape[-1], 50, False, None, None, False)
+    knobs = Knobs(alg=np.int32(0), temperature=np.float32(temperature), top_p=np.float32(0.9),
+                  alg_temp=np.float32(0), cfg_scale=np.float32(0), repeat_penalty=np.float32(1),
+                  max_position_penalty=np.float32(1), threshold=np.float32(0))
     for shortlist in (functools.partial(sampler_loop._shortlist, vocab_axes=None),
                       sampler_loop._shortlister(mesh, variant, logits.shape[0])):
-        values, ids, lse = jax.jit(shortlist, static_argnums=2)(logits, np.float32(temperature), 66)
+        values, ids, lse = jax.jit(shortlist, static_argnums=2)(logits, knobs, 66)
         np.testing.assert_array_equal(np.asarray(ids), want_ids)
         np.testing.assert_array_equal(np.asarray(values), np.take_along_axis(scaled, want_ids, axis=-1))
         np.testing.assert_allclose(np.asarray(lse), want_lse, rtol=1e-6)
+
+
+@pytest.mark.parametrize("alg", ["maskgit_plus", "entropy-penalty"])
+def test_tokens_match_the_reference_loop_without_top_p(setup, alg):
+    # top_p None: no logsumexp is computed (the nucleus keeps every candidate), the tokens are still the reference's
+    _, jm, prompt, _, _ = setup
+    options = dict(gen_length=N, steps=STEPS, alg=alg, block_size=BLOCK, top_p=None, repeat_penalty=1.5,
+                   max_position_penalty=2.0)
+    want, _ = reference(setup, **options)
+    np.testing.assert_array_equal(sample(jm, [prompt], **options)[0], want)
