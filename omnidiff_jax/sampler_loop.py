@@ -229,7 +229,7 @@ def _model_pass(model: DecodeFunctions, variant: Variant, params, plan: Plan, fi
 
     def refreshed(cache):
         embeds = _embeddings(model, params, plan, fixed, tokens, everything, length)
-        hidden, fresh = model.hidden(params, embeds, plan.positions, plan.segments, cache, everything)
+        hidden, fresh = model.hidden(params, embeds, plan.positions, plan.segments, cache=cache, start=everything)
         keep = refresh[None, :, None, None, None]
         cache = cache.replace(k=jnp.where(keep, fresh.k, cache.k), v=jnp.where(keep, fresh.v, cache.v))
         return window(hidden, start), cache
@@ -240,7 +240,7 @@ def _model_pass(model: DecodeFunctions, variant: Variant, params, plan: Plan, fi
     def windowed(fresh_hidden, cache):
         embeds = _embeddings(model, params, plan, fixed, tokens, start, width)
         hidden, cache = model.hidden(params, embeds, window(plan.positions, start), window(plan.segments, start),
-                                     cache, start)
+                                     cache=cache, start=start)
         return jnp.where(refresh[:, None, None], fresh_hidden, hidden), cache
 
     runs = step.runs[batch_row]
