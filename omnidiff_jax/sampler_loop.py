@@ -370,12 +370,11 @@ def _round(x, dtype):
     return round_to(x, dtype).astype(jnp.float32)
 
 
-def _top_k(x, count: int, vocab_axes):
-    """`lax.top_k` over the last (vocabulary) axis, through `chunked_top_k` where that is faster (`_top_k_chunk`).
-    When that axis is split over `vocab_axes`, each device takes its own top `count` first and only those
-    candidates are gathered. Ties go to the lower id either way."""
-    chunk = _top_k_chunk(x.shape[-1])
-    top_k = jax.lax.top_k if chunk is None else functools.partial(chunked_top_k, chunk=chunk)
+def _top_k(x, count: int, vocab_axes, rescale=lambda v: v):
+    """`lax.top_k` of rescale(x) over the last (vocabulary) axis, through `chunked_top_k` where that is faster
+    (`_top_k_chunk`). When that axis is split over `vocab_axes`, each device takes its own top `count` first and
+    only those candidates are gathered. Ties go to the lower id either way."""
+    top_k = functools.partial(chunked_top_k, chunk=_top_k_chunk(x.shape[-1]), rescale=rescale)
     if vocab_axes is None:
         return top_k(x, count)
     part = x.shape[-1]
@@ -387,20 +386,22 @@ def _top_k(x, count: int, vocab_axes):
     return values, jnp.take_along_axis(ids, pick, axis=-1)
 
 
-def _top_k_chunk(n: int) -> int | None:
-    """The chunk `_top_k` runs `chunked_top_k` with over n logits, or None for a plain `lax.top_k`. GPUs sort for
-    `lax.top_k`, so chunks pay there at any size (the last one padded). CPU's `lax.top_k` does not sort, and
-    chunks pay there only unpadded (3x at 176,264 logits; padding would copy every row): the largest divisor of n
-    from MIN_TOP_K_CHUNK to TOP_K_CHUNK, if there is one."""
+def _top_k_chunk(n: int) -> int:
+    """The chunk `_top_k` runs `chunked_top_k` with over n logits (n itself: one chunk, a plain `lax.top_k`). GPUs
+    sort for `lax.top_k`, so chunks pay there at any size (the last one padded). CPU's `lax.top_k` does not sort,
+    and chunks pay there only unpadded (3x at 176,264 logits; padding would copy every row): the largest divisor
+    of n from MIN_TOP_K_CHUNK to TOP_K_CHUNK, if there is one."""
     if jax.default_backend() == "gpu":
         return TOP_K_CHUNK
     if jax.default_backend() != "cpu":
-        return None
-    return next((c for c in range(TOP_K_CHUNK, MIN_TOP_K_CHUNK - 1, -1) if n % c == 0), None)
+        return n
+    return next((c for c in range(TOP_K_CHUNK, MIN_TOP_K_CHUNK - 1, -1) if n % c == 0), n)
 
 
-def chunked_top_k(x, count: int, chunk: int = TOP_K_CHUNK):
-    """`lax.top_k(x, count)` over the last axis, exactly (ties to the lower index), without sorting it whole.
+def chunked_top_k(x, count: int, chunk: int = TOP_K_CHUNK, rescale=lambda v: v):
+    """`lax.top_k(x, count)` over the last axis, exactly (ties to the lower index), without sorting it whole; or
+    of rescale(x) for a non-decreasing elementwise `rescale`, applied to the chunk maxima and the chosen chunks
+    only (the max of rescale over a chunk is rescale of its max), so rescale(x) is never written out.
 
     The `count` largest entries lie in the `count` chunks with the largest maxima: an entry outside them is
     outranked by each of those maxima (larger, or equal and at a lower index). So only those chunks, kept in
@@ -409,14 +410,14 @@ def chunked_top_k(x, count: int, chunk: int = TOP_K_CHUNK):
     """
     n = x.shape[-1]
     if n <= 4 * chunk * count:
-        return jax.lax.top_k(x, count)
+        return jax.lax.top_k(rescale(x), count)
     chunks = -(-n // chunk)
     padded = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, chunks * chunk - n)], constant_values=-jnp.inf)
     padded = padded.reshape(*x.shape[:-1], chunks, chunk)
-    _, best = jax.lax.top_k(padded.max(axis=-1), count)  # [..., count] chunk ids
+    _, best = jax.lax.top_k(rescale(padded.max(axis=-1)), count)  # [..., count] chunk ids
     best = jnp.sort(best, axis=-1)
-    values, pick = jax.lax.top_k(jnp.take_along_axis(padded, best[..., None], axis=-2).reshape(*x.shape[:-1], -1),
-                                 count)
+    chosen = jnp.take_along_axis(padded, best[..., None], axis=-2).reshape(*x.shape[:-1], -1)
+    values, pick = jax.lax.top_k(rescale(chosen), count)
     return values, jnp.take_along_axis(best, pick // chunk, axis=-1) * chunk + pick % chunk
 
 
@@ -456,21 +457,25 @@ def _shortlist(logits, knobs: Knobs, count: int, vocab_axes):
     logits dtype) and ids [..., K], descending with ties to the lower id, and their float32 logsumexp [...] (which
     only top-p reads: 0 when top_p >= 1).
 
-    At temperature 0 the scaled logits are the logits (divided by 1 and rounded to their own dtype), so that branch
-    reads them as they are instead of writing a scaled copy of every row."""
+    No scaled copy of the rows is written for the top-k: at temperature 0 the scaled logits are the logits (divided
+    by 1 and rounded to their own dtype), and above it the scaling is applied to the chunks `chunked_top_k` reads
+    (only the logsumexp of top-p < 1 reads every scaled logit)."""
     dtype = logits.dtype
 
-    def shortlist(x):  # x: the scaled logits, in the logits dtype
-        values, ids = _top_k(x, count, vocab_axes)
+    def shortlist(logits, rescale=lambda v: v):  # the scaled logits are rescale(logits), in the logits dtype
+        values, ids = _top_k(logits, count, vocab_axes, rescale)
         # their max is values[..., 0]; slicing that out would fold into top_k's own slice of the vocabulary's
         # sort, and XLA then leaves that sort whole instead of rewriting it into a top-k
         top = jnp.max(values, axis=-1)
-        unused = lambda x, top: jnp.zeros(top.shape, jnp.float32)  # noqa: E731
-        logsumexp = functools.partial(_logsumexp, vocab_axes=vocab_axes)
-        return values, ids, jax.lax.cond(knobs.top_p < 1, logsumexp, unused, x, top)
+        logsumexp = lambda logits, top: _logsumexp(rescale(logits), top, vocab_axes)  # noqa: E731
+        unused = lambda logits, top: jnp.zeros(top.shape, jnp.float32)  # noqa: E731
+        return values, ids, jax.lax.cond(knobs.top_p < 1, logsumexp, unused, logits, top)
 
-    scaled = lambda x: shortlist(round_to(x.astype(jnp.float32) / knobs.temperature, dtype))  # noqa: E731
-    return jax.lax.cond(knobs.temperature > 0, scaled, shortlist, logits)
+    # x * (1 / T), the product XLA's CPU code made of x / T before (the same tokens), written out so that the
+    # chunk maxima, the chosen chunks and the logsumexp all round alike; non-decreasing, as `_top_k` needs
+    inverse = 1 / knobs.temperature
+    scale = lambda x: round_to(x.astype(jnp.float32) * inverse, dtype)  # noqa: E731
+    return jax.lax.cond(knobs.temperature > 0, functools.partial(shortlist, rescale=scale), shortlist, logits)
 
 
 def _pick(values, ids, logsumexp, rank, n, generated, knobs: Knobs, repeat_penalty, gumbel, top_k: int | None):
