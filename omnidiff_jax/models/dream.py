@@ -214,29 +214,6 @@ class DecoderLayer(nn.Module):
         return constrain(out, ("activation_batch", "activation_length", "activation_embed")), kv
 
 
-@struct.dataclass
-class KVCache:
-    """Every layer's keys (RoPE applied) and values over a whole canvas, with each column's segment id.
-
-    A forward pass given a cache covers a window of the canvas (columns [start, start + W) of each row): it writes
-    the window's keys and values in place and its queries attend to every column, the window's fresh keys and the
-    cached ones elsewhere. A pass over the whole canvas (start 0) fills the cache and computes exactly what a pass
-    without one does. Reusing the keys outside the window while their tokens change is an approximation: a prefix
-    cache windows everything after the prompt, a dual cache only the block being decoded.
-    """
-
-    k: jax.Array  # [layers, B, L, Hkv, D]
-    v: jax.Array  # [layers, B, L, Hkv, D]
-    segment_ids: jax.Array  # [B, L] int
-
-    @classmethod
-    def empty(cls, config: DreamConfig, segment_ids: jax.Array) -> KVCache:
-        """A zero cache for canvases laid out as `segment_ids` [B, L]."""
-        b, length = segment_ids.shape
-        shape = (config.num_layers, b, length, config.num_kv_heads, config.head_dim)
-        return cls(jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype), jnp.asarray(segment_ids))
-
-
 class Dream(nn.Module):
     """The Dream LLM as it trains: layers under `nn.scan`, parameters stacked on a leading `layers` axis (the
     checkpoint layout). `__call__` returns logits [B, L, V] in the compute dtype (or the final hidden states)."""
