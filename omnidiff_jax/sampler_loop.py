@@ -473,7 +473,7 @@ def _shortlist(logits, knobs: Knobs, count: int, vocab_axes):
 
     # x * (1 / T), the product XLA's CPU code made of x / T before (the same tokens), written out so that the
     # chunk maxima, the chosen chunks and the logsumexp all round alike; non-decreasing, as `_top_k` needs
-    inverse = 1 / knobs.temperature
+    inverse = jnp.reciprocal(knobs.temperature)  # staged, so temperature 0 (the other branch) warns of nothing
     scale = lambda x: round_to(x.astype(jnp.float32) * inverse, dtype)  # noqa: E731
     return jax.lax.cond(knobs.temperature > 0, functools.partial(shortlist, rescale=scale), shortlist, logits)
 
