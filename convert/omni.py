@@ -28,7 +28,7 @@ from omnidiff_jax.models.projector import ProjectorConfig
 from omnidiff_jax.models.sensevoice import SenseVoiceConfig
 from omnidiff_jax.vocab import TokenLayout
 
-LLM_GROUP = "dream"  # `OmniModel.params`
+LLM_GROUP = "dream"  # `OmniModel.params` in the checkpoint layout (layers stacked; `models.dream.unstack_layers`)
 SPEECH_GROUP = "speech"  # `OmniModel.speech.params`: {"encoder": ..., "projector": ...}
 SPEECH_KEYS = r"model\.audio_(model|projection)\..*"
 # Axes an imported folder stores one index per chunk (`chunk_axes`): tensor parallelism splits attention by whole

@@ -90,7 +90,8 @@ def load_model(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | N
     straight into the sharded layout (each process reads only the slices its devices hold, so a model larger than
     one device, or than host memory, loads); the small speech input is replicated. verify: first check every
     leaf of an orbax folder against the checksum its import recorded. overrides: DreamConfig fields such as
-    remat_policy or attention_impl.
+    remat_policy or attention_impl. The model holds one parameter tree per layer (`models.dream.unstack_layers`;
+    `stack_layers` gives the training layout).
     """
     path = Path(path)
     if not path.exists():

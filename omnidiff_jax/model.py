@@ -85,8 +85,8 @@ class OmniModel:
 
     def embed(self, input_ids) -> jax.Array:
         """Token embeddings [B, L, H] in the compute dtype."""
-        return decode_functions(self.config).embed(self.params, check_ids(input_ids, self.config.vocab_size,
-                                                                          "input_ids"))
+        ids = check_ids(input_ids, self.config.vocab_size, "input_ids")
+        return decode_functions(self.config).embed(self.params, ids)
 
 
 def check_ids(ids, vocab_size: int, name: str) -> jax.Array:

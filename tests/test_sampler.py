@@ -380,6 +380,11 @@ def test_chunked_top_k_equals_lax_top_k(levels):
     got = chunked_top_k(x, 7, chunk=8)  # 126 chunks, the last one padded
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
+    # a non-decreasing rescale that merges values into ties, applied by chunked_top_k to chunk maxima only
+    coarse = lambda v: jnp.floor(v / 4)  # noqa: E731
+    want, got = jax.lax.top_k(coarse(x), 7), chunked_top_k(x, 7, chunk=8, rescale=coarse)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
 
 
 @pytest.mark.parametrize("temperature,levels,top_p", [(0.0, 300, 0.9), (0.0, 10**6, 0.9), (0.5, 300, 0.9),

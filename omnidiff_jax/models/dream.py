@@ -296,9 +296,9 @@ def _split(leaf) -> tuple:
     if not isinstance(leaf, jax.Array):
         return tuple(leaf)
     sharding = leaf.sharding
-    if isinstance(sharding, NamedSharding):
-        sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
-    return jax.jit(tuple, out_shardings=sharding)(leaf)
+    if isinstance(sharding, NamedSharding):  # the layers axis is never split (sharding.LOGICAL_RULES)
+        return jax.jit(tuple, out_shardings=sharding.update(spec=PartitionSpec(*sharding.spec[1:])))(leaf)
+    return jax.jit(tuple)(leaf)  # an array not committed to a device stays uncommitted
 
 
 def stack_layers(params: dict) -> dict:
@@ -314,11 +314,11 @@ def stack_layers(params: dict) -> dict:
 class KVCache:
     """Every layer's keys (RoPE applied) and values over a whole canvas, with each column's segment id.
 
-    A forward pass given a cache covers a window of the canvas (columns [start, start + W) of each row): it writes
-    the window's keys and values in place and its queries attend to every column, the window's fresh keys and the
-    cached ones elsewhere. A pass over the whole canvas (start 0) fills the cache and computes exactly what a pass
-    without one does. Reusing the keys outside the window while their tokens change is an approximation: a prefix
-    cache windows everything after the prompt, a dual cache only the block being decoded.
+    `DecodeFunctions.hidden` given a cache covers a window of the canvas (columns [start, start + W) of each row):
+    it writes the window's keys and values in place and its queries attend to every column, the window's fresh keys
+    and the cached ones elsewhere. A pass over the whole canvas (start 0) fills the cache and computes exactly what
+    a pass without one does. Reusing the keys outside the window while their tokens change is an approximation: a
+    prefix cache windows everything after the prompt, a dual cache only the block being decoded.
     """
 
     k: jax.Array  # [layers, B, L, Hkv, D]
@@ -340,9 +340,9 @@ class DecodeFunctions(NamedTuple):
     vocabulary head on only those columns)."""
 
     embed: Callable[[Any, jax.Array], jax.Array]  # (params, ids [B, L]) -> embeddings [B, L, H]
-    hidden: Callable[..., Any]  # (params, embeds [B, W, H], positions [B, W] or None, segment_ids [B, W] or None,
-    #                             query_valid [B, W] or None, cache, start [B]) -> final hidden [B, W, H], or
-    #                             (hidden, updated cache) when a KVCache is given
+    hidden: Callable[..., Any]  # (params, embeds [B, W, H], positions [B, W] or None, segment_ids [B, W] or None
+    #                             (required with a cache), query_valid [B, W] or None, cache, start [B])
+    #                             -> final hidden [B, W, H], or (hidden, updated cache) when a KVCache is given
     trunk: Callable[..., jax.Array]  # (params, embeds [B, L, H], positions [B, L], segment_ids [B, L])
     #                                  -> the hidden states entering the last layer [B, L, H]
     last_layer: Callable[..., jax.Array]  # (params, trunk's output [B, L, H], positions, segment_ids, columns [B, W])
