@@ -1,6 +1,7 @@
 """Loss, optimizer and train step against our PyTorch transcription of the reference (float32), the schedule
 against DeepSpeed's formula, vocabulary resizing, config overrides, and a tiny model that learns."""
 
+import copy
 import json
 import os
 import signal
@@ -76,6 +77,24 @@ def test_inverse_t_objective():
         want = (ce[i][labelled] / prob[i, 1:][labelled]).sum() / (prob[i, 1:] > 0).sum()
         np.testing.assert_allclose(got[i], want, rtol=1e-5)
     np.testing.assert_array_equal(count, (labels[:, 1:] != -100).sum(1))
+
+
+def test_omni_init_starts_from_the_loaded_model_in_the_training_layout(setup):
+    """init.kind "omni" reads the checkpoint as `load_model` does (per-layer) and hands training the stacked layers,
+    laid out on the mesh when one is given."""
+    cfg = copy.deepcopy(setup["cfg"])
+    cfg.init.kind, cfg.init.path = "omni", str(setup["folder"])
+    model_cfg = setup["trainer"].model_cfg
+    want = flatten(stack_layers(omnidiff_jax.load_model(setup["folder"], dtype=model_cfg.param_dtype).params))
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    for got in (init.initial_params(cfg, model_cfg), init.initial_params(cfg, model_cfg, mesh)):
+        got = flatten(got["dream"])
+        assert got.keys() == want.keys()
+        for path, leaf in want.items():
+            np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(leaf), err_msg=path)
+    shardings = flatten(param_shardings(model_cfg, mesh))
+    assert all(got[p].sharding.is_equivalent_to(shardings[p], got[p].ndim) for p in got)
+    assert got["layers/mlp/up_proj/kernel"].sharding.spec == shardings["layers/mlp/up_proj/kernel"].spec != jax.sharding.PartitionSpec()
 
 
 def test_schedule_is_deepspeeds_with_the_off_by_one():
