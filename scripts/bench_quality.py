@@ -95,7 +95,8 @@ def run_mode(pipe, requests: list[dict], prompts: list, options: dict, fraction:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="out/bench_quality", help="the trained demo run is kept here")
-    ap.add_argument("--train-steps", type=int, default=1500, help="training steps (default 1500, the steps of the README table; the demo's default is 1100)")
+    ap.add_argument("--train-steps", type=int, default=1500,
+                    help="training steps (default 1500, the steps of the README table; the demo's default is 1100)")
     ap.add_argument("--block-size", type=int, default=8, help="block size of the block rows")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="out/bench_quality.json")
